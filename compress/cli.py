@@ -1,0 +1,157 @@
+"""The `compress` command: builds a recipe from flags (or reads one), runs it, writes the output.
+
+    compress --model demo --rank-budget 0.5 --wbits 4 --out demo-r50-w4
+    compress eval DIR --ppl demo [--seqlen N] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from compress.errors import CompressError
+from compress.recipe import ALLOCATORS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Factorize, Quantize, Recipe
+
+RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "group_size", "sym", "calib", "nsamples",
+                "seqlen", "seed")
+
+
+def compress_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Compress a causal LM: W ~= base + up @ down.",
+                                     epilog="Other commands: compress eval DIR --ppl SRC")
+    parser.add_argument("--model", required=True, help="alias (demo, llama-3-8b, ...), hub id, or local directory")
+    parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--recipe", type=Path, help="run a saved recipe (.yaml/.json) instead of the recipe flags")
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--rank-budget", type=float, help="share of the dense parameters kept in low-rank factors, (0, 1]")
+    group.add_argument("--factorize", choices=FACTORIZE_METHODS, help="factorization (default svd-llm)")
+    group.add_argument("--allocate", choices=ALLOCATORS, help="rank allocation over layers (default uniform)")
+    group.add_argument("--wbits", type=int, help="quantize weights (or factors) to 2, 3, 4 or 8 bits")
+    group.add_argument("--quantize", choices=QUANTIZE_METHODS, help="quantizer (default rtn)")
+    group.add_argument("--group-size", type=int, help="columns per quantization group (default 128; 0: whole row)")
+    group.add_argument("--sym", action="store_true", default=None, help="symmetric grid (default asymmetric)")
+    group.add_argument("--calib", help="calibration text: datasets name, or local txt/jsonl/parquet file or folder")
+    group.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    group.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model max positions))")
+    group.add_argument("--seed", type=int, help="seed for drawing the windows (default 0)")
+    ppl = parser.add_mutually_exclusive_group()
+    ppl.add_argument("--eval-ppl", nargs="?", const="demo", metavar="SRC",
+                     help="report perplexity before and after on SRC (default for --model demo: the held-out text)")
+    ppl.add_argument("--no-eval-ppl", action="store_true", help="skip the perplexity evaluation")
+    return parser
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    given = [flag for flag in RECIPE_FLAGS if getattr(args, flag) is not None]
+    if args.recipe:
+        if given:
+            raise CompressError(f"--recipe runs a saved recipe; drop --{given[0].replace('_', '-')}")
+        return Recipe.load(args.recipe)
+    factorize = None
+    if args.rank_budget is not None or args.factorize or args.allocate:
+        if args.rank_budget is None:
+            raise CompressError("--factorize / --allocate need --rank-budget")
+        factorize = Factorize(method=args.factorize or "svd-llm", rank_budget=args.rank_budget,
+                              allocate=args.allocate or "uniform")
+    quantize = None
+    if args.wbits is not None or args.quantize or args.group_size is not None or args.sym:
+        if args.wbits is None:
+            raise CompressError("--quantize / --group-size / --sym need --wbits")
+        quantize = Quantize(method=args.quantize or "rtn", bits=args.wbits,
+                            group_size=128 if args.group_size is None else args.group_size, symmetric=bool(args.sym))
+    defaults = Calibration()
+    calibration = Calibration(source=args.calib, nsamples=args.nsamples or defaults.nsamples, seqlen=args.seqlen,
+                              seed=defaults.seed if args.seed is None else args.seed)
+    return Recipe(factorize=factorize, quantize=quantize, calibration=calibration)
+
+
+def default_out(model: str, recipe: Recipe) -> Path:
+    name = Path(model).name or "model"
+    parts = [f"r{recipe.factorize.rank_budget:g}"] if recipe.factorize else []
+    parts += [f"w{recipe.quantize.bits}"] if recipe.quantize else []
+    return Path(f"{name}-{'-'.join(parts)}")
+
+
+def run_compress(argv: list[str]) -> int:
+    from compress.models import load_model
+    from compress.native import check_out, save_compressed
+    from compress.pipeline import compress_model
+    from evaluations.perplexity import text_perplexity
+
+    args = compress_parser().parse_args(argv)
+    recipe = build_recipe(args)
+    out = args.out or default_out(args.model, recipe)
+    check_out(out, args.overwrite)
+    ppl_source = None if args.no_eval_ppl else (args.eval_ppl or ("demo" if args.model == "demo" else None))
+    model, tokenizer, resolved = load_model(args.model)
+    original = text_perplexity(model, tokenizer, ppl_source) if ppl_source else None
+    compressed = compress_model(model, recipe, tokenizer=tokenizer)
+    compressed.base_model = compressed.report["base_model"] = args.model if args.model == "demo" else resolved
+    if original:
+        after = text_perplexity(compressed.model, tokenizer, ppl_source)
+        compressed.report["perplexity"] = {"original": original["perplexity"], "compressed": after["perplexity"],
+                                           "source": ppl_source, "seqlen": after["seqlen"], "tokens": after["tokens"]}
+    save_compressed(compressed, out, overwrite=args.overwrite)
+    print(summary(compressed.report))
+    print(f"wrote {out.resolve()}")
+    return 0
+
+
+def summary(report: dict) -> str:
+    lines = [f"bits per weight {report['bits_per_weight']:.3f}   {report['seconds']:.1f} s"]
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        lines.append(f"perplexity ({ppl['source']}, {ppl['seqlen']}-token windows): "
+                     f"original {ppl['original']:.3f} -> compressed {ppl['compressed']:.3f}")
+    lines += [f"note: {note}" for note in report["notes"][:5]]
+    if len(report["notes"]) > 5:
+        lines.append(f"note: ... {len(report['notes']) - 5} more in report.json")
+    return "\n".join(lines)
+
+
+def run_eval(argv: list[str]) -> int:
+    from compress.models import load_model
+    from compress.native import CONFIG, load_compressed
+    from evaluations.perplexity import text_perplexity
+
+    parser = argparse.ArgumentParser(prog="compress eval", description="Evaluate a compressed or plain model.")
+    parser.add_argument("model", help="compressed output directory, HF model directory, alias or hub id")
+    parser.add_argument("--ppl", required=True, metavar="SRC", help="demo, a text file or folder, or a datasets name")
+    parser.add_argument("--seqlen", type=int, help="window length (default min(2048, model max positions))")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    if (Path(args.model) / CONFIG).is_file():
+        from transformers import AutoTokenizer
+
+        model, tokenizer = load_compressed(args.model), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer, _ = load_model(args.model)
+    result = text_perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen)
+    result["model"] = args.model
+    print(f"perplexity {result['perplexity']:.4f}  ({result['source']}, {result['tokens']} tokens, "
+          f"{result['seqlen']}-token windows)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from calibration.data import CalibrationError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["eval"]:
+            return run_eval(argv[1:])
+        return run_compress(argv)
+    except (CompressError, CalibrationError) as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compress: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Low-rank factorizations W ~= up @ down: one module per method."""

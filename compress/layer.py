@@ -1,0 +1,123 @@
+"""The one compressed layer: y = x @ base^T + (x @ down^T) @ up^T (+ bias), each part dense, quantized or absent."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from kernels.grid import QuantizedWeight
+
+
+class DenseTensor(nn.Module):
+    """A dense weight held as a buffer, so that it lands in the state dict under `<part>.weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.shape = tuple(weight.shape)
+
+    def operand(self) -> torch.Tensor:
+        return self.weight
+
+    def spec(self) -> dict:
+        return {"kind": "dense", "shape": list(self.shape), "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+
+class PackedTensor(nn.Module):
+    """A quantized weight held as buffers `qweight`, `scales` (and `qzeros` when asymmetric)."""
+
+    def __init__(self, quantized: QuantizedWeight):
+        super().__init__()
+        for name, tensor in quantized.tensors().items():
+            self.register_buffer(name, tensor)
+        self.qzeros = quantized.qzeros
+        self.bits, self.group_size, self.shape = quantized.bits, quantized.group_size, tuple(quantized.shape)
+
+    def operand(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape)
+
+    def spec(self) -> dict:
+        return {"kind": "quantized", "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.qzeros is None}
+
+
+Part = DenseTensor | PackedTensor
+
+
+def make_part(value: torch.Tensor | QuantizedWeight | None) -> Part | None:
+    if value is None:
+        return None
+    return PackedTensor(value) if isinstance(value, QuantizedWeight) else DenseTensor(value)
+
+
+def empty_part(spec: dict | None) -> Part | None:
+    """A part with the shapes a spec describes and uninitialised values (to be filled from a state dict)."""
+    if spec is None:
+        return None
+    rows, cols = spec["shape"]
+    if spec["kind"] == "dense":
+        return DenseTensor(torch.empty(rows, cols, dtype=getattr(torch, spec["dtype"])))
+    bits, group_size = spec["bits"], spec["group_size"]
+    if bits not in (2, 3, 4, 8) or group_size < 1 or cols % group_size:
+        raise ValueError(f"bad quantized spec {spec}")
+    words = -(-cols // 32) * bits
+    groups = cols // group_size
+    qzeros = None if spec["symmetric"] else torch.empty(groups, -(-rows // 32) * bits, dtype=torch.int32)
+    return PackedTensor(QuantizedWeight(torch.empty(rows, words, dtype=torch.int32), torch.empty(rows, groups, dtype=torch.float16),
+                                        qzeros, bits, group_size, (rows, cols)))
+
+
+class CompressedLinear(nn.Module):
+    """Drop-in replacement for nn.Linear holding W ~= base + up @ down."""
+
+    def __init__(self, in_features: int, out_features: int, base: Part | None, up: Part | None, down: Part | None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        if base is None and up is None:
+            raise ValueError("a compressed layer needs a base, factors, or both")
+        if (up is None) != (down is None):
+            raise ValueError("up and down come together")
+        self.in_features, self.out_features = in_features, out_features
+        self.base, self.up, self.down = base, up, down
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_parts(cls, base, up, down, bias=None) -> "CompressedLinear":
+        """Build from tensors / QuantizedWeights (any may be None)."""
+        base, up, down = make_part(base), make_part(up), make_part(down)
+        out_features, in_features = (base or up).shape[0], (base or down).shape[1]
+        return cls(in_features, out_features, base, up, down, bias)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "CompressedLinear":
+        """An empty layer with the shapes that a compression_config entry describes."""
+        bias = torch.empty(spec["out_features"]) if spec.get("bias") else None
+        return cls(spec["in_features"], spec["out_features"], empty_part(spec["base"]), empty_part(spec["up"]),
+                   empty_part(spec["down"]), bias)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.up is None else self.up.shape[1]
+
+    def spec(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "rank": self.rank, **{name: None if part is None else part.spec()
+                                      for name, part in (("base", self.base), ("up", self.up), ("down", self.down))}}
+
+    def operands(self) -> tuple:
+        return tuple(None if part is None else part.operand() for part in (self.base, self.up, self.down))
+
+    def weight_approx(self) -> torch.Tensor:
+        """The dense (out, in) weight this layer represents, in float32."""
+        return kernels.lowrank_linear(torch.eye(self.in_features), *self.operands()).T
+
+    def stored_bits(self) -> int:
+        """Every bit of the stored weight tensors: ints, scales, zeros and factors (not the bias)."""
+        return sum(buffer.numel() * buffer.element_size() * 8 for buffer in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.lowrank_linear(x, *self.operands(), self.bias)
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{name}={part.spec()['kind']}" for name, part in (("base", self.base), ("up", self.up)) if part)
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {parts}"

@@ -1,0 +1,68 @@
+"""Linear algebra shared by the factorizations: damped Cholesky of a Gram matrix, whitened truncated SVD."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """W ~= up @ down with up (out, rank) and down (rank, in)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def weight(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+def damped_cholesky(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of gram + damp*I (float64), L @ L.T = gram + damp*I, and the damp used.
+
+    Tries no damping first, then 1e-8, 1e-7, ... times the mean diagonal; dead input channels
+    (zero diagonal) get the mean diagonal so that they cannot make the factor singular.
+    """
+    gram = gram.double().clone()
+    diag = gram.diagonal()
+    mean_diag = diag.mean().clamp(min=1e-12).item()
+    dead = diag <= 0
+    diag[dead] = mean_diag
+    for attempt in range(max_tries):
+        damp = 0.0 if attempt == 0 else mean_diag * 10.0 ** (attempt - 9)
+        factor, info = torch.linalg.cholesky_ex(gram + damp * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+        if info.item() == 0:
+            return factor, damp
+    raise torch.linalg.LinAlgError(f"Gram matrix is not positive definite even with damping {damp:.3g}")
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-`rank` singular triplets (U_r, S_r, Vh_r) of a float64 matrix."""
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def whitened_lowrank(target: torch.Tensor, root: torch.Tensor, rank: int) -> LowRank:
+    """argmin over rank-r M of ||(target - M) R||_F for a lower-triangular root R (R R^T = gram).
+
+    SVD(target R) = U S V^T; up = U_r S_r^(1/2), down = S_r^(1/2) V_r^T R^(-1). With the Cholesky
+    factor of the input Gram this minimises the layer output error ||(target - M) X||_F (SVD-LLM).
+    """
+    U, S, Vh = truncated_svd(target.double() @ root, rank)
+    sqrt_s = S.sqrt()
+    up = U * sqrt_s
+    down = torch.linalg.solve_triangular(root, sqrt_s[:, None] * Vh, upper=False, left=False)
+    return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative layer output error ||(W - W') X||_F / ||W X||_F computed from the Gram X X^T."""
+    weight, error = weight.double(), weight.double() - approx.double()
+    gram = gram.double()
+    num = torch.einsum("oi,ij,oj->", error, gram, error).clamp(min=0)
+    den = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=1e-30)
+    return (num / den).sqrt().item()

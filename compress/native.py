@@ -1,0 +1,144 @@
+"""The native format: safetensors + HF config + tokenizer + compression_config.json + report.json + recipe.yaml.
+
+Writes go to a hidden temporary directory beside `out`, renamed into place only when complete.
+Loading checks the format version and each tensor file's size and sha256 before reading it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.errors import CompressError
+from compress.layer import CompressedLinear
+
+FORMAT = "compress-native"
+FORMAT_VERSION = 1
+TENSORS = "model.safetensors"
+CONFIG = "compression_config.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CompressError(f"{out} already exists (pass --overwrite to replace it)")
+
+
+def save_compressed(compressed, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a `pipeline.Compressed` to `out` atomically; returns the path."""
+    out = Path(out)
+    check_out(out, overwrite)
+    model = compressed.model
+    storage_dtype = getattr(model.config, "dtype", None) or torch.float16
+    storage_dtype = getattr(torch, storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
+    layers = {name: module.spec() for name, module in model.named_modules() if isinstance(module, CompressedLinear)}
+    compressed_keys = tuple(f"{name}." for name in layers)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        keep = key.startswith(compressed_keys) or not tensor.is_floating_point()
+        state[key] = (tensor if keep else tensor.to(storage_dtype)).detach().contiguous().clone()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file(state, tmp / TENSORS, metadata={"format": "pt"})  # one key: safetensors writes a map in no fixed order
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if compressed.tokenizer is not None:
+            compressed.tokenizer.save_pretrained(tmp)
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": compressed.base_model,
+                  "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": sha256(tmp / TENSORS)}},
+                  "layers": layers, "recipe": compressed.recipe.to_dict()}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "report.json").write_text(json.dumps(compressed.report, indent=2) + "\n")
+        (tmp / "recipe.yaml").write_text(compressed.recipe.to_yaml())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_compression_config(path: str | Path) -> dict:
+    """compression_config.json of a native directory, with its format and version checked."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise CompressError(f"{path} is not a compressed model directory (no {CONFIG})") from None
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"{path / CONFIG} is corrupt: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CompressError(f"{path / CONFIG} is not a '{FORMAT}' config")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CompressError(f"{path} has format version {config.get('format_version')!r}; "
+                            f"this version of compress reads version {FORMAT_VERSION}")
+    if not isinstance(config.get("files"), dict) or not isinstance(config.get("layers"), dict):
+        raise CompressError(f"{path / CONFIG} is corrupt: 'files' or 'layers' is missing")
+    return config
+
+
+def verify_files(path: Path, files: dict) -> None:
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CompressError(f"{file} is missing")
+        if file.stat().st_size != meta.get("bytes"):
+            raise CompressError(f"{file} is truncated or altered: {file.stat().st_size} bytes, expected {meta.get('bytes')}")
+        if sha256(file) != meta.get("sha256"):
+            raise CompressError(f"{file} is corrupt: its sha256 does not match {CONFIG}")
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A transformers model with CompressedLinear layers from a native directory, in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = read_compression_config(path)
+    verify_files(path, config["files"])
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        for name, spec in config["layers"].items():
+            model.set_submodule(name, CompressedLinear.from_spec(spec))
+        state = load_file(path / TENSORS)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CompressError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    compressed_keys = tuple(f"{name}." for name in config["layers"])
+    state = {key: t if key.startswith(compressed_keys) or not t.is_floating_point() else t.to(dtype) for key, t in state.items()}
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and expected[key].shape != tensor.shape:
+            raise CompressError(f"{path / TENSORS}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
+        if key in expected and expected[key].dtype != tensor.dtype:
+            raise CompressError(f"{path / TENSORS}: {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CompressError(f"{path / TENSORS} does not match {CONFIG}: missing {sorted(set(missing) - tied)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}")
+    if tied:
+        model.tie_weights()
+    return model.to(device).eval()

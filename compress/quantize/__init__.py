@@ -1,0 +1,1 @@
+"""Weight quantizers: one module per method, each returning a kernels.grid.QuantizedWeight."""

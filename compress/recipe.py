@@ -1,0 +1,140 @@
+"""The recipe: plain data that says what to do to a model. The CLI only builds one; every output holds it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from compress.errors import CompressError
+
+FACTORIZE_METHODS = ("svd", "svd-llm")
+ALLOCATORS = ("uniform",)
+QUANTIZE_METHODS = ("rtn",)
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Factorize:
+    """W ~= up @ down with the factors of all targeted layers holding `rank_budget` of their dense parameters."""
+
+    method: str = "svd-llm"
+    rank_budget: float = 0.5
+    allocate: str = "uniform"
+
+    def __post_init__(self):
+        _choice("factorize method", self.method, FACTORIZE_METHODS)
+        _choice("allocator", self.allocate, ALLOCATORS)
+        if not 0 < self.rank_budget <= 1:
+            raise CompressError(f"rank budget must be in (0, 1], got {self.rank_budget}")
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Quantize the weights (or the factors, after Factorize) to `bits`, per group of `group_size` input columns.
+
+    group_size 0 means one group per row; a group size that does not divide a tensor falls back to
+    the largest divisor below it, and the report says so.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        _choice("quantize method", self.method, QUANTIZE_METHODS)
+        if self.bits not in BITS:
+            raise CompressError(f"wbits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.group_size < 0:
+            raise CompressError(f"group size must be >= 0 (0: one group per row), got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """`nsamples` windows of `seqlen` tokens drawn with `seed` from `source` (None: the bundled corpus).
+
+    seqlen None: the smaller of 2048 and the model's maximum positions.
+    """
+
+    source: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.nsamples < 1:
+            raise CompressError(f"nsamples must be >= 1, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise CompressError(f"seqlen must be >= 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Stages run in this order on every targeted linear: factorize, then quantize (the factors, if any).
+
+    include / exclude: regular expressions over full module names; by default every linear inside
+    the decoder blocks is compressed (embeddings and the LM head stay as they are).
+    """
+
+    factorize: Factorize | None = None
+    quantize: Quantize | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.factorize is None and self.quantize is None:
+            raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        _known_keys("recipe", data, cls)
+        parts = {"factorize": Factorize, "quantize": Quantize, "calibration": Calibration}
+        kwargs = dict(data)
+        for key, kind in parts.items():
+            if kwargs.get(key) is not None:
+                if not isinstance(kwargs[key], dict):
+                    raise CompressError(f"recipe: '{key}' must be a mapping, got {kwargs[key]!r}")
+                _known_keys(f"recipe.{key}", kwargs[key], kind)
+                kwargs[key] = kind(**kwargs[key])
+        if kwargs.get("calibration") is None:
+            kwargs.pop("calibration", None)
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read a recipe from a .json, .yaml or .yml file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise CompressError(f"cannot read recipe {path}: {exc}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise CompressError(f"recipe {path} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+
+def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CompressError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
+
+
+def _known_keys(where: str, data: dict, kind: type) -> None:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(kind)})
+    if unknown:
+        raise CompressError(f"{where}: unknown key(s) {', '.join(unknown)}")

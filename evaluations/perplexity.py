@@ -1,0 +1,48 @@
+"""Perplexity over non-overlapping windows of a text (the GPTQ / SVD-LLM protocol)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from calibration import load_text
+from compress.models import DEMO_DIR
+
+DEMO_HELDOUT = DEMO_DIR / "heldout.txt"
+
+
+def eval_text(source: str | Path) -> str:
+    """`demo` (the bundled held-out text), a local file or folder, or a `datasets` name such as wikitext2."""
+    return DEMO_HELDOUT.read_text() if str(source) == "demo" else load_text(source)
+
+
+def default_seqlen(model) -> int:
+    return min(2048, getattr(model.config, "max_position_embeddings", 2048))
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, seqlen: int, batch_size: int = 8, progress: bool = True) -> float:
+    """exp of the mean next-token loss over the floor(len / seqlen) full windows of a 1-D token sequence."""
+    windows = len(input_ids) // seqlen
+    if windows == 0:
+        raise ValueError(f"the text has {len(input_ids)} tokens, fewer than one window of {seqlen}")
+    ids = input_ids[: windows * seqlen].view(windows, seqlen)
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in tqdm(range(0, windows, batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = ids[start: start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += loss.item()
+    return math.exp(total / (windows * (seqlen - 1)))
+
+
+def text_perplexity(model, tokenizer, source: str | Path, seqlen: int | None = None, progress: bool = True) -> dict:
+    """{'perplexity', 'source', 'seqlen', 'tokens'} of a model on a text source."""
+    seqlen = seqlen or default_seqlen(model)
+    ids = torch.tensor(tokenizer(eval_text(source), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return {"perplexity": perplexity(model, ids, seqlen, progress=progress), "source": str(source),
+            "seqlen": seqlen, "tokens": (len(ids) // seqlen) * seqlen}

@@ -1,0 +1,128 @@
+"""The quantization grid, shared by every quantizer: group scales and zeros, round, clamp, pack, unpack.
+
+Conventions (GPTQ's): a weight (out, in) is split along `in` into groups of `group_size` columns;
+each (row, group) has a scale and an integer zero point, `w ~= scale * (q - zero)` with
+`q` in [0, 2**bits - 1]. Symmetric grids use the fixed zero `2**(bits-1)` and store no zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+WORD = 32  # values are packed in runs of 32, each run into `bits` int32 words
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Packed b-bit integers of a (rows, cols) weight with per-group scales (and zeros when asymmetric).
+
+    qweight: (rows, ceil(cols/32) * bits) int32; scales: (rows, cols // group_size) fp16;
+    qzeros: (groups, ceil(rows/32) * bits) int32, packed along the rows as GPTQ does, or None for a symmetric grid.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qzeros is None
+
+    def zeros(self) -> torch.Tensor:
+        """Integer zero points, (rows, groups)."""
+        rows, groups = self.scales.shape
+        if self.qzeros is None:
+            return torch.full((rows, groups), 2 ** (self.bits - 1), dtype=torch.int32, device=self.scales.device)
+        return unpack(self.qzeros, self.bits, rows).T
+
+    def ints(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits, self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.ints(), self.scales, self.zeros(), self.group_size).to(dtype)
+
+    def stored_bits(self) -> int:
+        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.qzeros is not None:
+            out["qzeros"] = self.qzeros
+        return out
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ints in [0, 2**bits) along the last dim: every run of 32 values becomes `bits` int32 words."""
+    rows, cols = values.shape
+    padded = -(-cols // WORD) * WORD
+    values = torch.nn.functional.pad(values.to(torch.int64), (0, padded - cols))
+    shifts = torch.arange(bits, device=values.device)
+    bitstream = ((values.unsqueeze(-1) >> shifts) & 1).reshape(rows, padded * bits // WORD, WORD)
+    words = (bitstream << torch.arange(WORD, device=values.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, as int32
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of `pack`: (rows, words) int32 -> (rows, cols) int32."""
+    rows = packed.shape[0]
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    bitstream = (words.unsqueeze(-1) >> torch.arange(WORD, device=packed.device)) & 1
+    values = bitstream.reshape(rows, -1, bits) << torch.arange(bits, device=packed.device)
+    return values.sum(-1)[:, :cols].to(torch.int32)
+
+
+def resolve_group_size(cols: int, group_size: int) -> int:
+    """The requested group size if it divides `cols`, else the largest divisor of `cols` below it (0: one group per row)."""
+    if group_size <= 0 or group_size >= cols:
+        return cols
+    return max(d for d in range(1, group_size + 1) if cols % d == 0)
+
+
+def find_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scales and integer zeros per (row, group): (rows, cols // group_size) each."""
+    rows, cols = weight.shape
+    grouped = weight.reshape(rows, cols // group_size, group_size).float()
+    maxq = 2**bits - 1
+    wmin = grouped.amin(-1).clamp(max=0)
+    wmax = grouped.amax(-1).clamp(min=0)
+    if symmetric:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    span = wmax - wmin
+    span = torch.where(span == 0, torch.ones_like(span), span)  # an all-zero group quantizes exactly with any scale
+    # Scales are stored in fp16: round them here so that quantization and dequantization use the same values.
+    scales = (span / maxq).clamp(min=2**-14).half().float()
+    if symmetric:
+        zeros = torch.full_like(scales, 2 ** (bits - 1))
+    else:
+        zeros = torch.round(-wmin / scales).clamp(0, maxq)
+    return scales, zeros.to(torch.int32)
+
+
+def quantize_ints(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round to the grid: (rows, cols) ints in [0, 2**bits); scales/zeros are (rows, groups)."""
+    rows, cols = weight.shape
+    group_size = cols // scales.shape[1]
+    grouped = weight.reshape(rows, -1, group_size).float()
+    q = torch.round(grouped / scales.float().unsqueeze(-1)) + zeros.unsqueeze(-1)
+    return q.clamp(0, 2**bits - 1).reshape(rows, cols).to(torch.int32)
+
+
+def dequantize(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    rows, cols = ints.shape
+    grouped = (ints.reshape(rows, -1, group_size) - zeros.unsqueeze(-1)).float()
+    return (grouped * scales.float().unsqueeze(-1)).reshape(rows, cols)
+
+
+def make_quantized(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, symmetric: bool) -> QuantizedWeight:
+    """Pack ints (rows, cols) with their (rows, groups) scales and zeros into a QuantizedWeight."""
+    rows, cols = ints.shape
+    return QuantizedWeight(
+        qweight=pack(ints, bits), scales=scales.to(torch.float16), qzeros=None if symmetric else pack(zeros.T, bits),
+        bits=bits, group_size=cols // scales.shape[1], shape=(rows, cols),
+    )

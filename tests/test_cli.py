@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import compress.native as native
+from compress.cli import main
+from compress.models import DEMO_DIR
+
+FAST = ["--nsamples", "2", "--seqlen", "16", "--no-eval-ppl"]
+W4 = ["--wbits", "4", "--group-size", "32"]  # the tiny model's widths are 64 and 160
+
+
+def refuse(capsys, argv, message, out=None):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    # Progress bars may come first; the error is one line, the last, and no traceback.
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and err.splitlines()[-1].startswith("compress: error:"), err
+    assert "Traceback" not in err
+    assert message in errors[0], err
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}*"))
+
+
+@pytest.mark.parametrize("model, message", [
+    ("nosuchalias", "unknown model 'nosuchalias'"),
+    ("./missing/dir", "'./missing/dir' does not exist"),
+    ("meta-llama/NotCachedAnywhere-1B", "'meta-llama/NotCachedAnywhere-1B'"),
+])
+def test_bad_model_is_refused(capsys, tmp_path, model, message):
+    refuse(capsys, ["--model", model, "--wbits", "4", "--out", str(tmp_path / "o")] + FAST, message, tmp_path / "o")
+
+
+def test_offline_hub_id_says_to_pass_a_directory(capsys, tmp_path):
+    refuse(capsys, ["--model", "org/not-cached", "--wbits", "4", "--out", str(tmp_path / "o")], "--model DIR")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rank-budget", "0"], "rank budget must be in (0, 1]"),
+    (["--rank-budget", "1.5"], "rank budget must be in (0, 1]"),
+    (["--wbits", "5"], "wbits must be one of 2, 3, 4, 8"),
+    (["--wbits", "4", "--group-size", "1000"], "group size 1000 divides no layer"),
+    (["--wbits", "4"], "group size 128 divides no layer"),
+    (W4 + ["--calib", "/no/such/corpus.txt"], "cannot read text from '/no/such/corpus.txt'"),
+    (["--factorize", "svd"], "need --rank-budget"),
+    ([], "nothing to do"),
+])
+def test_bad_settings_are_refused(capsys, tmp_path, tiny_model_dir, flags, message):
+    out = tmp_path / "o"
+    refuse(capsys, ["--model", str(tiny_model_dir), "--out", str(out)] + flags + FAST, message, out)
+
+
+def test_unreadable_calibration_files_are_refused(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "corpus.bin").write_bytes(b"\x00\x01")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source, message in ((tmp_path / "corpus.bin", "use files of one kind"), (empty, "no .txt, .jsonl or .parquet")):
+        refuse(capsys, ["--model", str(tiny_model_dir), *W4, "--calib", str(source), "--out",
+                        str(tmp_path / "o")] + FAST, message, tmp_path / "o")
+
+
+def test_existing_out_needs_overwrite(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    refuse(capsys, ["--model", str(tiny_model_dir), *W4, "--out", str(out)] + FAST, "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["--model", str(tiny_model_dir), *W4, "--out", str(out), "--overwrite"] + FAST) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_interrupted_write_leaves_nothing(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native, "save_file", interrupted)
+    out = tmp_path / "o"
+    assert main(["--model", str(tiny_model_dir), *W4, "--out", str(out)] + FAST) == 130
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_dir):
+    first = tmp_path / "first"
+    assert main(["--model", str(tiny_model_dir), "--rank-budget", "0.5", "--wbits", "8", "--group-size", "16", "--out", str(first)] + FAST) == 0
+    again = tmp_path / "again"
+    assert main(["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-eval-ppl", "--out", str(again)]) == 0
+    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    refuse(capsys, ["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--wbits", "4",
+                    "--out", str(tmp_path / "x")], "drop --wbits")
+
+
+def test_console_script_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    text = tmp_path / "eval.txt"
+    text.write_text((DEMO_DIR / "heldout.txt").read_text()[:6000])
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "compress.cli", "--model", str(tiny_model_dir), "--rank-budget", "0.5",
+                          *W4, "--out", str(out), "--eval-ppl", str(text)] + FAST[:-1],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out.resolve()}" in run.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["perplexity"]) >= {"original", "compressed"}
+    assert 2 < report["bits_per_weight"] < 3.5
+    result = tmp_path / "ppl.json"
+    run = subprocess.run([sys.executable, "-m", "compress.cli", "eval", str(out), "--ppl", str(text), "--seqlen", "32",
+                          "--json", str(result)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(result.read_text())["perplexity"] > 1
+    bad = subprocess.run([sys.executable, "-m", "compress.cli", "--model", "nosuchalias", "--wbits", "4"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from compress.quantize.rtn import quantize_rtn
+from kernels.grid import SUPPORTED_BITS, dequantize, find_params, pack, quantize_ints, resolve_group_size, unpack
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_pack_round_trips_exactly(bits, rows, cols, seed):
+    values = torch.randint(0, 2**bits, (rows, cols), generator=torch.Generator().manual_seed(seed))
+    packed = pack(values, bits)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (rows, -(-cols // 32) * bits)  # exactly `bits` bits per value, padded to 32 values
+    assert torch.equal(unpack(packed, bits, cols), values.int())
+
+
+def test_pack_uses_every_bit_of_the_word():
+    values = torch.full((1, 32), 15)
+    assert torch.equal(pack(values, 4), torch.full((1, 4), -1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_error_falls_as_bits_rise(symmetric):
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    errors = [(quantize_rtn(weight, bits, 128, symmetric).dequantize() - weight).norm().item() for bits in (2, 3, 4, 8)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] / weight.norm().item() < 0.01
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_values_on_grid_and_within_half_step(bits, symmetric):
+    weight = torch.randn(8, 96, generator=torch.Generator().manual_seed(bits))
+    q = quantize_rtn(weight, bits, 32, symmetric)
+    ints = q.ints()
+    assert ints.min() >= 0 and ints.max() <= 2**bits - 1
+    scale = q.scales.float().repeat_interleave(32, dim=1)
+    # Inside the grid's range rounding moves each weight by at most half a step.
+    assert ((q.dequantize() - weight).abs() <= scale / 2 + 1e-6).float().mean() > 0.97
+    assert q.symmetric == symmetric
+
+
+def test_grid_reproduces_exact_grid_points():
+    scales = torch.tensor([[0.5, 0.25]])
+    zeros = torch.tensor([[3, 8]], dtype=torch.int32)
+    ints = torch.tensor([[0, 15, 7, 3, 15, 2, 0, 9]])  # each group spans the whole grid, so min-max finds it again
+    weight = dequantize(ints, scales, zeros, 4)
+    s, z = find_params(weight, 4, 4, symmetric=False)
+    assert torch.allclose(dequantize(quantize_ints(weight, s, z, 4), s, z, 4), weight, atol=1e-6)
+
+
+def test_group_size_falls_back_to_largest_divisor():
+    assert resolve_group_size(256, 128) == 128
+    assert resolve_group_size(96, 128) == 96
+    assert resolve_group_size(200, 128) == 100
+    assert resolve_group_size(42, 32) == 21
+    assert resolve_group_size(100, 0) == 100

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from compress.layer import CompressedLinear
+from compress.quantize.rtn import quantize_rtn
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("quantized_factors", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_equals_dense_weight(with_base, quantized_factors, with_bias):
+    g = torch.Generator().manual_seed(0)
+    out_features, in_features, rank = 40, 64, 8
+    base = quantize_rtn(torch.randn(out_features, in_features, generator=g), 4, 32, symmetric=False) if with_base else None
+    up, down = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
+    if quantized_factors:
+        up, down = quantize_rtn(up, 3, 8, symmetric=True), quantize_rtn(down, 8, 64, symmetric=False)
+    bias = torch.randn(out_features, generator=g) if with_bias else None
+    layer = CompressedLinear.from_parts(base, up, down, bias)
+
+    dense_up = up.dequantize() if quantized_factors else up
+    dense_down = down.dequantize() if quantized_factors else down
+    weight = dense_up @ dense_down + (base.dequantize() if with_base else 0)
+    x = torch.randn(3, 5, in_features, generator=g)
+    expected = x @ weight.T + (bias if with_bias else 0)
+    assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(layer.weight_approx(), weight, atol=1e-5)
+    assert layer.rank == rank
+
+
+def test_stored_bits_count_ints_scales_and_zeros():
+    base = quantize_rtn(torch.randn(16, 64), 4, 32, symmetric=False)
+    layer = CompressedLinear.from_parts(base, None, None)
+    ints = 16 * 64 * 4
+    scales = 16 * 2 * 16
+    zeros = 2 * 4 * 32  # per group, the 16 rows' zeros padded to one run of 32 values at 4 bits: 4 words
+    assert layer.stored_bits() == ints + scales + zeros
+
+
+def test_half_precision_activations():
+    layer = CompressedLinear.from_parts(quantize_rtn(torch.randn(8, 32), 4, 32, False), None, None)
+    x = torch.randn(2, 32)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.allclose(layer(x.bfloat16()).float(), layer(x), atol=0.1)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+import compress.pipeline as pipeline
+from compress import CompressedLinear, Factorize, Quantize, Recipe, compress_model, load_compressed, save_compressed
+from compress.models import load_model
+from compress.recipe import Calibration
+
+CALIB = Calibration(nsamples=4, seqlen=32)
+
+
+def run(model_dir, **stages):
+    return compress_model(str(model_dir), Recipe(calibration=CALIB, **stages), progress=False)
+
+
+def test_blocks_see_the_outputs_of_compressed_blocks(tiny_model_dir, monkeypatch):
+    grams = {}
+    original = pipeline.compress_linear
+
+    def spy(name, linear, gram, *args):
+        grams[name] = gram.clone()
+        return original(name, linear, gram, *args)
+
+    monkeypatch.setattr(pipeline, "compress_linear", spy)
+    ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = compress_model(str(tiny_model_dir), Recipe(factorize=Factorize("svd-llm", 0.3)), calib=ids, progress=False)
+    model = result.model
+    # Block 1's attention input, recomputed through the compressed block 0:
+    norm_out = {}
+    handle = model.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, out: norm_out.setdefault("x", []).append(out))
+    with torch.no_grad():
+        for sample in ids:
+            model(input_ids=sample[None], use_cache=False)
+    handle.remove()
+    x = torch.cat(norm_out["x"]).reshape(-1, 64).double()
+    assert torch.allclose(grams["model.layers.1.self_attn.q_proj"], x.T @ x, rtol=1e-6, atol=1e-6)
+    # and the full-precision stream is kept beside it: the compressed blocks drift from it
+    assert all(error > 0 for error in result.report["block_output_error"])
+
+
+@pytest.mark.parametrize("stages, kinds", [
+    (dict(factorize=Factorize("svd-llm", 0.5)), ("dense-factors",)),
+    (dict(quantize=Quantize(bits=4, group_size=32)), ("quantized-base",)),
+    (dict(factorize=Factorize("svd", 0.5), quantize=Quantize(bits=4, group_size=32)), ("quantized-factors",)),
+])
+def test_either_flag_alone_or_both(tiny_model_dir, stages, kinds):
+    result = run(tiny_model_dir, **stages)
+    layers = [m for m in result.model.modules() if isinstance(m, CompressedLinear)]
+    assert len(layers) == 14  # 7 linears x 2 blocks; lm_head stays
+    assert isinstance(result.model.lm_head, torch.nn.Linear)
+    layer = layers[0]
+    if kinds == ("dense-factors",):
+        assert layer.base is None and layer.up.spec()["kind"] == "dense"
+        assert 7 < result.report["bits_per_weight"] <= 8  # 16-bit factors at half the parameters
+    elif kinds == ("quantized-base",):
+        assert layer.up is None and layer.base.spec()["kind"] == "quantized"
+        assert 4.5 < result.report["bits_per_weight"] < 5  # 4 + fp16 scale and padded zeros per 32 weights
+    else:
+        assert layer.base is None and layer.up.spec()["kind"] == "quantized" and layer.down.spec()["kind"] == "quantized"
+        assert 2 < result.report["bits_per_weight"] < 3.5  # ranks of 16-35 make the factors' groups small
+    stored = sum(m.stored_bits() for m in layers)
+    assert result.report["bits_per_weight"] == stored / result.report["compressed_parameters"]
+    assert all(entry["relative_error"] > 0 for entry in result.report["layers"].values())
+
+
+def test_save_load_gives_identical_outputs_and_generates(tiny_model_dir, tmp_path):
+    result = run(tiny_model_dir, factorize=Factorize("svd-llm", 0.5), quantize=Quantize(bits=3, group_size=32))
+    out = save_compressed(result, tmp_path / "out")
+    loaded = load_compressed(out)
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    generated = loaded.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 21)
+    assert Recipe.load(out / "recipe.yaml") == result.recipe
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_same_seed_same_files(tiny_model_dir, tmp_path):
+    paths = []
+    for name in ("a", "b"):
+        result = run(tiny_model_dir, factorize=Factorize("svd-llm", 0.4), quantize=Quantize(bits=4, group_size=32))
+        paths.append(save_compressed(result, tmp_path / name))
+    for file in ("model.safetensors", "compression_config.json"):
+        assert (paths[0] / file).read_bytes() == (paths[1] / file).read_bytes()
+
+
+def test_include_exclude_select_layers(tiny_model_dir):
+    result = compress_model(str(tiny_model_dir), Recipe(quantize=Quantize(bits=8, group_size=32), calibration=CALIB,
+                                                        include=(r"mlp\.",), exclude=(r"down_proj",)), progress=False)
+    assert sorted({name.rsplit(".", 1)[-1] for name in result.report["layers"]}) == ["gate_proj", "up_proj"]
+
+
+def test_group_size_fallback_is_reported(tiny_model_dir):
+    result = run(tiny_model_dir, quantize=Quantize(bits=4, group_size=64))  # 160-wide down_proj: 64 -> 40
+    assert any("down_proj.base: group size 64 does not divide 160, used 40" in note for note in result.report["notes"])
+    assert result.report["layers"]["model.layers.0.mlp.down_proj"]["group_size"] == {"base": 40}
+
+
+def test_python_api_takes_a_model_object_and_token_ids(tiny_model_dir):
+    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, 1000, (3, 16))
+    result = compress_model(model, Recipe(factorize=Factorize("svd", 0.5)), calib=ids, progress=False)
+    assert result.model is model and result.report["calibration"]["tokens"] == 48
