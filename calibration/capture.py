@@ -8,15 +8,19 @@ from torch import nn
 
 
 class GramAccumulator:
-    """Streaming sum of x x^T over all tokens seen, in float64: gram (in, in) and the token count."""
+    """Streaming float64 sums over the tokens seen: gram = sum x x^T (in, in), the token count, and with
+    `cross` also cross = sum (x_fp - x) x^T, the full-precision stream's offset (SAES-SVD's Delta)."""
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+    def __init__(self, in_features: int, cross: bool = False, device: torch.device | str = "cpu"):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.cross = torch.zeros_like(self.gram) if cross else None
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.gram.device, torch.float64)
         self.gram.addmm_(x.T, x)
+        if self.cross is not None:
+            self.cross.addmm_((x_fp.reshape(x.shape).to(x) - x).T, x)
         self.count += x.shape[0]
 
 
@@ -31,6 +35,43 @@ def record_grams(linears: dict[str, nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def paired_statistics(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, fp_hidden: torch.Tensor,
+                      block_kwargs: dict, cross: bool = False, batch_size: int = 8) -> tuple[dict[str, GramAccumulator], torch.Tensor]:
+    """Run the still-uncompressed block on both streams, batch by batch, and return the input statistics of its
+    linears in the compressed stream (with their cross term against the full-precision stream when `cross`),
+    and the full-precision stream's outputs."""
+    stats = {name: GramAccumulator(layer.in_features, cross) for name, layer in linears.items()}
+    fp_inputs: dict[str, torch.Tensor] = {}
+    phase = {"fp": True}
+
+    def hook(name):
+        def record(_module, args):
+            if phase["fp"]:
+                if cross:
+                    fp_inputs[name] = args[0]
+            else:
+                stats[name].add(args[0], fp_inputs.pop(name, None))
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in linears.items()]
+    fp_outputs = []
+    try:
+        for start in range(0, len(hidden), batch_size):
+            phase["fp"] = True
+            fp_outputs.append(_first(block(fp_hidden[start: start + batch_size], **block_kwargs)))
+            phase["fp"] = False
+            block(hidden[start: start + batch_size], **block_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, torch.cat(fp_outputs)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 class _Stop(Exception):
@@ -66,6 +107,5 @@ def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict, batch_
     """The block's outputs for (nsamples, seqlen, hidden) inputs, `batch_size` windows at a time."""
     outputs = []
     for start in range(0, len(hidden), batch_size):
-        out = block(hidden[start: start + batch_size], **block_kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+        outputs.append(_first(block(hidden[start: start + batch_size], **block_kwargs)))
     return torch.cat(outputs)

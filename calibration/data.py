@@ -77,7 +77,7 @@ def _load_local(path: Path):
 
 def sample_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(nsamples, seqlen) token ids: windows at random offsets of the tokenized text, drawn with `seed`."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() < seqlen:
         raise CalibrationError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     rng = random.Random(seed)

@@ -27,7 +27,7 @@ def compress_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("recipe")
     group.add_argument("--rank-budget", type=float, help="share of the dense parameters kept in low-rank factors, (0, 1]")
     group.add_argument("--factorize", choices=FACTORIZE_METHODS, help="factorization (default svd-llm)")
-    group.add_argument("--allocate", choices=ALLOCATORS, help="rank allocation over layers (default uniform)")
+    group.add_argument("--allocate", choices=ALLOCATORS, help="rank allocation over layers (default uniform; lorap for --factorize lorap)")
     group.add_argument("--wbits", type=int, help="quantize weights (or factors) to 2, 3, 4 or 8 bits")
     group.add_argument("--quantize", choices=QUANTIZE_METHODS, help="quantizer (default rtn)")
     group.add_argument("--group-size", type=int, help="columns per quantization group (default 128; 0: whole row)")
@@ -53,8 +53,9 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     if args.rank_budget is not None or args.factorize or args.allocate:
         if args.rank_budget is None:
             raise CompressError("--factorize / --allocate need --rank-budget")
-        factorize = Factorize(method=args.factorize or "svd-llm", rank_budget=args.rank_budget,
-                              allocate=args.allocate or "uniform")
+        method = args.factorize or "svd-llm"
+        factorize = Factorize(method=method, rank_budget=args.rank_budget,
+                              allocate=args.allocate or ("lorap" if method == "lorap" else "uniform"))
     quantize = None
     if args.wbits is not None or args.quantize or args.group_size is not None or args.sym:
         if args.wbits is None:
@@ -79,6 +80,7 @@ def run_compress(argv: list[str]) -> int:
     from compress.native import check_out, save_compressed
     from compress.pipeline import compress_model
     from evaluations.perplexity import text_perplexity
+    from evaluations.plots import plot_ranks
 
     args = compress_parser().parse_args(argv)
     recipe = build_recipe(args)
@@ -93,7 +95,8 @@ def run_compress(argv: list[str]) -> int:
         after = text_perplexity(compressed.model, tokenizer, ppl_source)
         compressed.report["perplexity"] = {"original": original["perplexity"], "compressed": after["perplexity"],
                                            "source": ppl_source, "seqlen": after["seqlen"], "tokens": after["tokens"]}
-    save_compressed(compressed, out, overwrite=args.overwrite)
+    plot = (lambda directory: plot_ranks(compressed.report, directory / "ranks.png")) if recipe.factorize else None
+    save_compressed(compressed, out, overwrite=args.overwrite, extras=plot)
     print(summary(compressed.report))
     print(f"wrote {out.resolve()}")
     return 0

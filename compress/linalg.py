@@ -46,17 +46,42 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return U[:, :rank], S[:rank], Vh[:rank]
 
 
+def balanced_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD of a float64 (m, n) matrix split evenly: (U_r S_r^(1/2) (m, r), S_r^(1/2) V_r^T (r, n))."""
+    U, S, Vh = truncated_svd(matrix, rank)
+    sqrt_s = S.sqrt()
+    return U * sqrt_s, sqrt_s[:, None] * Vh
+
+
 def whitened_lowrank(target: torch.Tensor, root: torch.Tensor, rank: int) -> LowRank:
     """argmin over rank-r M of ||(target - M) R||_F for a lower-triangular root R (R R^T = gram).
 
     SVD(target R) = U S V^T; up = U_r S_r^(1/2), down = S_r^(1/2) V_r^T R^(-1). With the Cholesky
     factor of the input Gram this minimises the layer output error ||(target - M) X||_F (SVD-LLM).
     """
-    U, S, Vh = truncated_svd(target.double() @ root, rank)
-    sqrt_s = S.sqrt()
-    up = U * sqrt_s
-    down = torch.linalg.solve_triangular(root, sqrt_s[:, None] * Vh, upper=False, left=False)
+    up, down = balanced_svd(target.double() @ root, rank)
+    down = torch.linalg.solve_triangular(root, down, upper=False, left=False)
     return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))
+
+
+def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q Lambda^(1/2), Lambda^(-1/2) Q^T), both (n, n) float64, from eigh(gram) = Q Lambda Q^T.
+
+    A truncated pseudo-inverse (as GPTQModel's EoRA): eigenvalues <= lambda_max * n * eps_fp32, negative
+    ones included, count as zero, and both their square root and inverse square root are set to 0.
+    """
+    gram = gram.double()
+    if not torch.isfinite(gram).all():
+        raise ValueError("eigen_root: the Gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
+    eigenvalues, Q = torch.linalg.eigh(gram)
+    if not torch.isfinite(eigenvalues).all():
+        raise ValueError("eigen_root: eigh of the Gram matrix returned non-finite eigenvalues")
+    threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float32).eps
+    kept = eigenvalues > threshold
+    sqrt_lambda, inv_sqrt_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
+    sqrt_lambda[kept] = eigenvalues[kept].sqrt()
+    inv_sqrt_lambda[kept] = eigenvalues[kept].rsqrt()
+    return Q * sqrt_lambda, inv_sqrt_lambda[:, None] * Q.T
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:

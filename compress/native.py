@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,8 +37,11 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise CompressError(f"{out} already exists (pass --overwrite to replace it)")
 
 
-def save_compressed(compressed, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a `pipeline.Compressed` to `out` atomically; returns the path."""
+def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras: Callable[[Path], None] | None = None) -> Path:
+    """Write a `pipeline.Compressed` to `out` atomically; returns the path.
+
+    extras(directory) may add files (plots, ...) to the output before it is moved into place.
+    """
     out = Path(out)
     check_out(out, overwrite)
     model = compressed.model
@@ -67,6 +71,8 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False) -> Pat
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(compressed.report, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(compressed.recipe.to_yaml())
+        if extras is not None:
+            extras(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

@@ -10,20 +10,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration import block_linears, capture_block_inputs, find_blocks, load_text, record_grams, run_block, sample_windows
+from calibration import block_linears, capture_block_inputs, find_blocks, load_text, paired_statistics, run_block, sample_windows
 from calibration.data import CalibrationError
-from compress.allocate import uniform_ranks
+from compress.allocate import lorap_attention_ranks, uniform_ranks, welore_ranks
 from compress.errors import CompressError
+from compress.factorize.eora import factorize_eora
+from compress.factorize.lorap import factorize_awsvd
+from compress.factorize.saes_svd import factorize_saes
 from compress.factorize.svd import factorize_svd
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.layer import CompressedLinear
-from compress.linalg import output_error
+from compress.linalg import LowRank, output_error
 from compress.models import DEMO_DIR, load_model
+from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
 from compress.quantize.rtn import quantize_rtn
 from compress.recipe import Factorize, Quantize, Recipe
 from kernels.grid import QuantizedWeight, resolve_group_size
 
 DEFAULT_CALIBRATION = DEMO_DIR / "calibration.txt"
+# Leaf names of the projections in Llama-family blocks (Llama, Mistral, Qwen2): what LoRAP treats differently.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -50,20 +57,30 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     prefix, blocks = find_blocks(model)
     targets = select_linears(prefix, blocks, recipe)
     shapes = {name: (layer.out_features, layer.in_features) for block in targets for name, layer in block.items()}
-    ranks = uniform_ranks(shapes, recipe.factorize.rank_budget) if recipe.factorize else {}
+    plan = allocate(recipe.factorize, targets, shapes) if recipe.factorize else Plan({}, set())
     if recipe.quantize:
-        check_group_size(recipe.quantize.group_size, shapes, ranks)
+        check_group_size(recipe.quantize.group_size, shapes, plan.ranks)
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
+    cross = recipe.factorize is not None and recipe.factorize.method == "saes-svd"
 
     hidden, block_kwargs = capture_block_inputs(model, blocks[0], input_ids)
     fp_hidden = hidden  # the full-precision stream, beside the compressed one
     layers, block_errors, notes = {}, [], []
     for index, block in enumerate(tqdm(blocks, desc="compressing", unit="block", disable=not progress)):
-        with record_grams(targets[index]) as grams:
-            run_block(block, hidden, block_kwargs)
-        fp_hidden = run_block(block, fp_hidden, block_kwargs)
+        stats, fp_hidden = paired_statistics(block, targets[index], hidden, fp_hidden, block_kwargs, cross=cross)
+        weights = {name: linear.weight.detach().float() for name, linear in targets[index].items()}
+        grams = {name: stat.gram for name, stat in stats.items()}
+        pruned = [name for name in targets[index] if name in plan.pruned]
+        if pruned:  # LoRAP removes the same share of MLP channels in every block
+            kept = prune_mlp(weights, grams, pruned, 1 - recipe.factorize.rank_budget)
+            model.config.intermediate_size = kept
         for name, linear in targets[index].items():
-            layer, layers[name] = compress_linear(name, linear, grams[name].gram, ranks.get(name), recipe, notes)
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+            layer, layers[name] = compress_linear(name, weights[name], bias, grams[name], stats[name].cross,
+                                                  plan.ranks.get(name), recipe, notes)
+            layers[name]["shape"] = list(linear.weight.shape)
+            if name in plan.pruned:
+                layers[name]["channels_kept"] = kept
             model.set_submodule(name, layer)
         hidden = run_block(block, hidden, block_kwargs)
         block_errors.append(((hidden - fp_hidden).norm() / fp_hidden.norm()).item())
@@ -83,6 +100,48 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     return Compressed(model, tokenizer, recipe, report, base_model)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the allocator decided: a rank per layer (None: stays dense) and the MLP layers to prune (LoRAP)."""
+
+    ranks: dict[str, int | None]
+    pruned: set[str]
+
+
+def allocate(stage: Factorize, targets: list[dict[str, nn.Linear]], shapes: dict[str, tuple[int, int]]) -> Plan:
+    """Per-layer ranks for the stage's budget and allocator; shapes: {name: (out, in)}."""
+    if stage.allocate == "uniform":
+        return Plan(uniform_ranks(shapes, stage.rank_budget), set())
+    if stage.allocate == "welore":
+        spectra = {name: torch.linalg.svdvals(layer.weight.detach().double())
+                   for block in targets for name, layer in block.items()}
+        try:
+            return Plan(welore_ranks(spectra, shapes, stage.rank_budget), set())
+        except ValueError as exc:
+            raise CompressError(str(exc)) from None
+    ranks, pruned = {}, set()
+    for block in targets:
+        leaves = {name.rsplit(".", 1)[-1]: name for name in block}
+        if not set(ATTENTION) | set(MLP) <= set(leaves):
+            raise CompressError(f"lorap needs every attention and MLP projection of a block ({', '.join(ATTENTION + MLP)})")
+        attention = lorap_attention_ranks({leaf: shapes[leaves[leaf]] for leaf in ATTENTION}, stage.rank_budget)
+        ranks.update({leaves[leaf]: rank for leaf, rank in attention.items()})
+        ranks.update({leaves[leaf]: None for leaf in MLP})
+        pruned.update(leaves[leaf] for leaf in MLP)
+    return Plan(ranks, pruned)
+
+
+def prune_mlp(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], names: list[str], fraction: float) -> int:
+    """LoRAP's structured pruning of one MLP, in place on `weights` and `grams`; returns the channels kept."""
+    gate, up, down = (next(n for n in names if n.endswith(leaf)) for leaf in MLP)
+    input_norm, inter_norm = (grams[n].diagonal().clamp(min=0).sqrt().float() for n in (gate, down))
+    scores = channel_scores(weights[gate], weights[up], weights[down], input_norm, inter_norm)
+    keep = channels_to_keep(scores, fraction)
+    weights[gate], weights[up], weights[down] = prune_mlp_weights(weights[gate], weights[up], weights[down], keep)
+    grams[down] = grams[down][keep][:, keep]
+    return len(keep)
+
+
 def select_linears(prefix: str, blocks: nn.ModuleList, recipe: Recipe) -> list[dict[str, nn.Linear]]:
     """Per block, {full module name: linear} of the layers to compress (recipe include / exclude regexes)."""
     selected = []
@@ -96,9 +155,9 @@ def select_linears(prefix: str, blocks: nn.ModuleList, recipe: Recipe) -> list[d
     return selected
 
 
-def check_group_size(group_size: int, shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> None:
+def check_group_size(group_size: int, shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> None:
     """Refuse a group size that divides none of the tensors to quantize (their input widths)."""
-    widths = {w for name, (_, inp) in shapes.items() for w in ((ranks[name], inp) if ranks else (inp,))}
+    widths = {w for name, (_, inp) in shapes.items() for w in ((inp,) if ranks.get(name) is None else (ranks[name], inp))}
     if group_size > 0 and not any(width % group_size == 0 for width in widths):
         raise CompressError(f"group size {group_size} divides no layer (input widths: "
                             f"{', '.join(map(str, sorted(widths)))}); choose one that does, or 0 for one group per row")
@@ -120,16 +179,15 @@ def calibration_ids(model: nn.Module, tokenizer, recipe: Recipe, calib) -> torch
         raise CompressError(str(exc)) from None
 
 
-def compress_linear(name: str, linear: nn.Linear, gram: torch.Tensor, rank: int | None, recipe: Recipe,
-                    notes: list[str]) -> tuple[CompressedLinear, dict]:
-    """Factorize and/or quantize one linear; returns the layer and its report entry."""
-    weight = linear.weight.detach().float()
-    info: dict = {"shape": list(weight.shape)}
+def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
+                    cross: torch.Tensor | None, rank: int | None, recipe: Recipe, notes: list[str]) -> tuple[CompressedLinear, dict]:
+    """Factorize (rank given) and/or quantize one weight (out, in); returns the layer and its report entry."""
+    info: dict = {}
     base = up = down = None
-    if recipe.factorize:
-        lowrank, info["damp"] = factorize(weight, gram, rank, recipe.factorize)
+    if recipe.factorize and rank is not None:
+        lowrank, details = factorize(weight, gram, cross, rank, recipe.factorize)
         up, down = lowrank.up, lowrank.down
-        info["rank"] = rank
+        info.update(rank=rank, **details)
     else:
         base = weight
     if recipe.quantize:
@@ -138,19 +196,27 @@ def compress_linear(name: str, linear: nn.Linear, gram: torch.Tensor, rank: int 
         base, up, down = (quantized.get(part) for part in ("base", "up", "down"))
         info["bits"] = recipe.quantize.bits
         info["group_size"] = {part: q.group_size for part, q in quantized.items()}
-    # Dense factors are stored in fp16: cast now so that the model in memory is the one written.
-    up, down = (t.half() if isinstance(t, torch.Tensor) else t for t in (up, down))
-    bias = None if linear.bias is None else linear.bias.detach().clone()
+    # Dense parts are stored in fp16: cast now so that the model in memory is the one written.
+    base, up, down = (t.half() if isinstance(t, torch.Tensor) else t for t in (base, up, down))
     layer = CompressedLinear.from_parts(base, up, down, bias)
     info["relative_error"] = output_error(weight, layer.weight_approx(), gram)
     return layer, info
 
 
-def factorize(weight: torch.Tensor, gram: torch.Tensor, rank: int, stage: Factorize):
-    """(LowRank, damping) by the stage's method."""
+def factorize(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, rank: int,
+              stage: Factorize) -> tuple[LowRank, dict]:
+    """The stage's factorization of one weight, and what it chose (damping, beta) for the report."""
     if stage.method == "svd":
-        return factorize_svd(weight, rank), 0.0
-    return factorize_svd_llm(weight, gram, rank)
+        return factorize_svd(weight, rank), {}
+    if stage.method == "svd-llm":
+        lowrank, damp = factorize_svd_llm(weight, gram, rank)
+        return lowrank, {"damp": damp}
+    if stage.method == "saes-svd":
+        lowrank, beta, damp = factorize_saes(weight, gram, cross, rank, stage.beta, stage.beta_max, stage.beta_min)
+        return lowrank, {"beta": beta, "damp": damp}
+    if stage.method == "eora":
+        return factorize_eora(weight, gram, rank), {}
+    return factorize_awsvd(weight, gram, rank), {}  # lorap's attention half
 
 
 def quantize(tensor: torch.Tensor, stage: Quantize, name: str, notes: list[str]) -> QuantizedWeight:

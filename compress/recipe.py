@@ -10,25 +10,41 @@ import yaml
 
 from compress.errors import CompressError
 
-FACTORIZE_METHODS = ("svd", "svd-llm")
-ALLOCATORS = ("uniform",)
+FACTORIZE_METHODS = ("svd", "svd-llm", "saes-svd", "eora", "lorap")
+ALLOCATORS = ("uniform", "welore", "lorap")
 QUANTIZE_METHODS = ("rtn",)
 BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
 class Factorize:
-    """W ~= up @ down with the factors of all targeted layers holding `rank_budget` of their dense parameters."""
+    """W ~= up @ down with the targeted layers together holding `rank_budget` of their dense parameters.
+
+    method: svd (plain), svd-llm (whitened), saes-svd (CEALC + ACES), eora (eigenspace projection),
+    lorap (activation-weighted SVD for attention, structured channel pruning for the MLP).
+    allocate: uniform (same share per layer), welore (from each weight's spectrum; layers whose
+    factors would not save parameters stay dense), lorap (LoRAP's 3:1 v/o : q/k split; only with lorap).
+    beta: SAES-SVD's coefficient alpha/(1+alpha); None lets ACES choose it per layer in [beta_min, beta_max].
+    """
 
     method: str = "svd-llm"
     rank_budget: float = 0.5
     allocate: str = "uniform"
+    beta: float | None = None
+    beta_min: float = 0.25
+    beta_max: float = 0.75
 
     def __post_init__(self):
         _choice("factorize method", self.method, FACTORIZE_METHODS)
         _choice("allocator", self.allocate, ALLOCATORS)
         if not 0 < self.rank_budget <= 1:
             raise CompressError(f"rank budget must be in (0, 1], got {self.rank_budget}")
+        if (self.method == "lorap") != (self.allocate == "lorap"):
+            raise CompressError("lorap factorization and lorap allocation go together (--factorize lorap --allocate lorap)")
+        if self.beta is not None and not 0 <= self.beta < 1:
+            raise CompressError(f"beta must be in [0, 1), got {self.beta}")
+        if not 0 <= self.beta_min <= self.beta_max < 1:
+            raise CompressError(f"need 0 <= beta_min <= beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,7 @@ def test_console_script_end_to_end(tmp_path, tiny_model_dir):
     report = json.loads((out / "report.json").read_text())
     assert set(report["perplexity"]) >= {"original", "compressed"}
     assert 2 < report["bits_per_weight"] < 3.5
+    assert (out / "ranks.png").stat().st_size > 0
     result = tmp_path / "ppl.json"
     run = subprocess.run([sys.executable, "-m", "compress.cli", "eval", str(out), "--ppl", str(text), "--seqlen", "32",
                           "--json", str(result)], capture_output=True, text=True, env=env)
@@ -115,3 +116,12 @@ def test_console_script_end_to_end(tmp_path, tiny_model_dir):
     bad = subprocess.run([sys.executable, "-m", "compress.cli", "--model", "nosuchalias", "--wbits", "4"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_eval_reads_a_plain_model_directory(capsys, tmp_path, tiny_model_dir):
+    text = tmp_path / "eval.txt"
+    text.write_text((DEMO_DIR / "heldout.txt").read_text()[:4000])
+    assert main(["eval", str(tiny_model_dir), "--ppl", str(text), "--seqlen", "32", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["seqlen"] == 32 and result["perplexity"] > 100  # random weights: near the vocabulary size
+    refuse(capsys, ["eval", str(tmp_path / "nothing"), "--ppl", str(text)], "does not exist")

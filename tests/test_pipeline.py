@@ -17,9 +17,9 @@ def test_blocks_see_the_outputs_of_compressed_blocks(tiny_model_dir, monkeypatch
     grams = {}
     original = pipeline.compress_linear
 
-    def spy(name, linear, gram, *args):
+    def spy(name, weight, bias, gram, *args):
         grams[name] = gram.clone()
-        return original(name, linear, gram, *args)
+        return original(name, weight, bias, gram, *args)
 
     monkeypatch.setattr(pipeline, "compress_linear", spy)
     ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -102,3 +102,55 @@ def test_python_api_takes_a_model_object_and_token_ids(tiny_model_dir):
     ids = torch.randint(0, 1000, (3, 16))
     result = compress_model(model, Recipe(factorize=Factorize("svd", 0.5)), calib=ids, progress=False)
     assert result.model is model and result.report["calibration"]["tokens"] == 48
+
+
+@pytest.mark.parametrize("method, allocate", [("saes-svd", "uniform"), ("eora", "uniform"), ("svd-llm", "welore"),
+                                              ("svd", "welore")])
+def test_every_factorization_and_allocator_meets_the_budget(tiny_model_dir, method, allocate):
+    result = run(tiny_model_dir, factorize=Factorize(method, 0.5, allocate=allocate))
+    layers = result.report["layers"]
+    kept = sum(e["rank"] * sum(e["shape"]) if e.get("rank") else e["shape"][0] * e["shape"][1] for e in layers.values())
+    dense = result.report["compressed_parameters"]
+    assert kept <= 0.5 * dense
+    widest = max(sum(e["shape"]) for e in layers.values())
+    assert 0.5 * dense - kept <= (widest if allocate == "welore" else sum(sum(e["shape"]) for e in layers.values()))
+    assert all(e.get("rank") is None or 1 <= e["rank"] <= min(e["shape"]) for e in layers.values())
+    if method == "saes-svd":
+        assert all(0.25 <= e["beta"] <= 0.75 for e in layers.values())
+
+
+def test_saes_with_zero_beta_is_svd_llm(tiny_model_dir):
+    ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for stage in (Factorize("saes-svd", 0.4, beta=0.0), Factorize("svd-llm", 0.4)):
+        result = compress_model(str(tiny_model_dir), Recipe(factorize=stage), calib=ids, progress=False)
+        with torch.no_grad():
+            outputs.append(result.model(ids[:1]).logits)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_lorap_prunes_the_mlp_and_the_result_loads_and_generates(tiny_model_dir, tmp_path):
+    result = run(tiny_model_dir, factorize=Factorize("lorap", 0.6, allocate="lorap"), quantize=Quantize(bits=8, group_size=32))
+    kept = 160 - int(0.4 * 160)
+    assert result.model.config.intermediate_size == kept
+    assert result.report["layers"]["model.layers.0.mlp.down_proj"]["channels_kept"] == kept
+    assert result.model.model.layers[1].mlp.down_proj.in_features == kept
+    out = save_compressed(result, tmp_path / "lorap")
+    loaded = load_compressed(out)
+    assert loaded.config.intermediate_size == kept
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    assert loaded.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "saes-svd", "eora", "lorap"])
+def test_duplicate_calibration_samples_give_a_singular_gram_that_is_damped(tiny_model_dir, method):
+    ids = torch.randint(0, 4000, (1, 16), generator=torch.Generator().manual_seed(1)).repeat(3, 1)  # 16 tokens < 64 channels
+    stage = Factorize(method, 0.5, allocate="lorap" if method == "lorap" else "uniform")
+    result = compress_model(str(tiny_model_dir), Recipe(factorize=stage), calib=ids, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(ids[:1]).logits).all()
+    assert all(torch.isfinite(torch.tensor(e["relative_error"])) for e in result.report["layers"].values())
+    if method in ("svd-llm", "saes-svd"):
+        assert any(e["damp"] > 0 for e in result.report["layers"].values())

@@ -1,0 +1,68 @@
+"""Properties of the bundled demo model, and claims that need trained weights."""
+import json
+
+import pytest
+import torch
+
+from calibration import block_linears, capture_block_inputs, find_blocks, load_text, record_grams, sample_windows
+from compress import Factorize, Recipe, compress_model
+from compress.allocate import rank_for_budget
+from compress.factorize.svd import factorize_svd
+from compress.factorize.svd_llm import factorize_svd_llm
+from compress.linalg import output_error
+from compress.models import DEMO_DIR, load_model
+from compress.pipeline import DEFAULT_CALIBRATION
+from compress.recipe import Calibration
+from evaluations.perplexity import perplexity, text_perplexity
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, tokenizer, _ = load_model("demo")
+    return model, tokenizer
+
+
+def test_demo_is_a_small_llama3_shaped_model(demo):
+    model, _ = demo
+    config = model.config
+    assert config.model_type == "llama" and 4 <= config.num_hidden_layers <= 8 and 256 <= config.hidden_size <= 512
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+    assert config.hidden_act == "silu"  # SwiGLU MLP
+    assert (DEMO_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert str(config.dtype).endswith("float16")
+
+
+def test_recorded_heldout_perplexity_reproduces(demo):
+    model, tokenizer = demo
+    record = json.loads((DEMO_DIR / "training.json").read_text())
+    measured = text_perplexity(model, tokenizer, "demo", seqlen=record["seqlen"], progress=False)["perplexity"]
+    assert measured == pytest.approx(record["heldout_perplexity"], rel=1e-3)
+    assert measured < 30  # trained: far below the vocabulary size
+
+
+def test_whitened_svd_beats_plain_svd_on_real_activations(demo):
+    model, tokenizer = demo
+    ids = sample_windows(tokenizer, load_text(DEFAULT_CALIBRATION), 8, 128, seed=0)
+    _, blocks = find_blocks(model)
+    hidden, kwargs = capture_block_inputs(model, blocks[0], ids)
+    linears = block_linears(blocks[1])
+    with record_grams(linears) as grams:
+        blocks[1](hidden, **kwargs)  # block 1 fed its (uncompressed) block-0 input is enough for the layer objective
+    for name, linear in linears.items():
+        weight, gram = linear.weight.detach().float(), grams[name].gram
+        rank = rank_for_budget(*weight.shape, 0.5)
+        whitened = output_error(weight, factorize_svd_llm(weight, gram, rank)[0].weight(), gram)
+        plain = output_error(weight, factorize_svd(weight, rank).weight(), gram)
+        assert whitened < plain, name
+
+
+def test_svd_llm_beats_svd_in_perplexity(demo):
+    _, tokenizer = demo
+    ids = torch.tensor(tokenizer((DEMO_DIR / "heldout.txt").read_text()[:60000], verbose=False)["input_ids"])
+    results = {}
+    for method in ("svd", "svd-llm"):
+        model, _, _ = load_model("demo")
+        recipe = Recipe(factorize=Factorize(method, 0.5), calibration=Calibration(nsamples=16))
+        compressed = compress_model(model, recipe, tokenizer=tokenizer, progress=False)
+        results[method] = perplexity(compressed.model, ids, 256, progress=False)
+    assert results["svd-llm"] < results["svd"], results
