@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.recipe import ALLOCATORS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Factorize, Quantize, Recipe
+from compress.recipe import ALLOCATORS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Compensate, Factorize, Quantize, Recipe
 
-RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "group_size", "sym", "calib", "nsamples",
-                "seqlen", "seed")
+RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "group_size", "sym", "act_order",
+                "static_groups", "damp", "compensate", "compensate_rank", "compensate_bits", "calib", "nsamples", "seqlen", "seed")
 
 
 def compress_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,12 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--quantize", choices=QUANTIZE_METHODS, help="quantizer (default rtn)")
     group.add_argument("--group-size", type=int, help="columns per quantization group (default 128; 0: whole row)")
     group.add_argument("--sym", action="store_true", default=None, help="symmetric grid (default asymmetric)")
+    group.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing Hessian diagonal")
+    group.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weight")
+    group.add_argument("--damp", type=float, help="GPTQ: damping, fraction of the mean Hessian diagonal (default 0.01)")
+    group.add_argument("--compensate", choices=("lorc", "eora"), help="add a low-rank compensation of the quantization error")
+    group.add_argument("--compensate-rank", type=int, help="rank of the compensation (default 64)")
+    group.add_argument("--compensate-bits", type=int, help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
     group.add_argument("--calib", help="calibration text: datasets name, or local txt/jsonl/parquet file or folder")
     group.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     group.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model max positions))")
@@ -57,15 +63,22 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         factorize = Factorize(method=method, rank_budget=args.rank_budget,
                               allocate=args.allocate or ("lorap" if method == "lorap" else "uniform"))
     quantize = None
-    if args.wbits is not None or args.quantize or args.group_size is not None or args.sym:
+    quantize_flags = (args.quantize, args.group_size, args.sym, args.act_order, args.static_groups, args.damp)
+    if args.wbits is not None or any(flag is not None for flag in quantize_flags):
         if args.wbits is None:
-            raise CompressError("--quantize / --group-size / --sym need --wbits")
+            raise CompressError("--quantize / --group-size / --sym / --act-order / --static-groups / --damp need --wbits")
         quantize = Quantize(method=args.quantize or "rtn", bits=args.wbits,
-                            group_size=128 if args.group_size is None else args.group_size, symmetric=bool(args.sym))
+                            group_size=128 if args.group_size is None else args.group_size, symmetric=bool(args.sym),
+                            act_order=bool(args.act_order), static_groups=bool(args.static_groups),
+                            damp=0.01 if args.damp is None else args.damp)
+    compensate = None
+    if args.compensate or args.compensate_rank is not None or args.compensate_bits is not None:
+        compensate = Compensate(method=args.compensate or "eora", rank=args.compensate_rank or 64,
+                                factor_bits=args.compensate_bits)
     defaults = Calibration()
     calibration = Calibration(source=args.calib, nsamples=args.nsamples or defaults.nsamples, seqlen=args.seqlen,
                               seed=defaults.seed if args.seed is None else args.seed)
-    return Recipe(factorize=factorize, quantize=quantize, calibration=calibration)
+    return Recipe(factorize=factorize, quantize=quantize, compensate=compensate, calibration=calibration)
 
 
 def default_out(model: str, recipe: Recipe) -> Path:

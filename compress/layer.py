@@ -30,15 +30,15 @@ class PackedTensor(nn.Module):
         super().__init__()
         for name, tensor in quantized.tensors().items():
             self.register_buffer(name, tensor)
-        self.qzeros = quantized.qzeros
+        self.qzeros, self.g_idx = quantized.qzeros, quantized.g_idx
         self.bits, self.group_size, self.shape = quantized.bits, quantized.group_size, tuple(quantized.shape)
 
     def operand(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape)
+        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape, self.g_idx)
 
     def spec(self) -> dict:
         return {"kind": "quantized", "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.qzeros is None}
+                "symmetric": self.qzeros is None, "act_order": self.g_idx is not None}
 
 
 Part = DenseTensor | PackedTensor
@@ -63,8 +63,9 @@ def empty_part(spec: dict | None) -> Part | None:
     words = -(-cols // 32) * bits
     groups = cols // group_size
     qzeros = None if spec["symmetric"] else torch.empty(groups, -(-rows // 32) * bits, dtype=torch.int32)
+    g_idx = torch.empty(cols, dtype=torch.int32) if spec.get("act_order") else None
     return PackedTensor(QuantizedWeight(torch.empty(rows, words, dtype=torch.int32), torch.empty(rows, groups, dtype=torch.float16),
-                                        qzeros, bits, group_size, (rows, cols)))
+                                        qzeros, bits, group_size, (rows, cols), g_idx))
 
 
 class CompressedLinear(nn.Module):

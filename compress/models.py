@@ -38,10 +38,11 @@ def resolve_model(name: str) -> str:
 
 def load_model(name: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, resolved name) for an alias, hub id or local directory, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(name)
     try:
+        stored_dtype = AutoConfig.from_pretrained(resolved).dtype
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
     except OSError as exc:
@@ -49,4 +50,6 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
             raise CompressError(f"cannot load a model from {resolved}: {str(exc).splitlines()[0]}") from None
         raise CompressError(f"cannot load '{resolved}' from the hugging face hub (offline, not cached, gated or "
                             "misspelled): download it elsewhere and pass its local directory with --model DIR") from None
+    # The config keeps the checkpoint's own dtype: outputs store the untouched tensors in it, not in `dtype`.
+    model.config.dtype = stored_dtype or dtype
     return model.eval(), tokenizer, resolved

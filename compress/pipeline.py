@@ -23,8 +23,9 @@ from compress.layer import CompressedLinear
 from compress.linalg import LowRank, output_error
 from compress.models import DEMO_DIR, load_model
 from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
+from compress.quantize.gptq import quantize_gptq
 from compress.quantize.rtn import quantize_rtn
-from compress.recipe import Factorize, Quantize, Recipe
+from compress.recipe import Compensate, Factorize, Quantize, Recipe
 from kernels.grid import QuantizedWeight, resolve_group_size
 
 DEFAULT_CALIBRATION = DEMO_DIR / "calibration.txt"
@@ -191,16 +192,39 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     else:
         base = weight
     if recipe.quantize:
-        quantized = {part: quantize(tensor, recipe.quantize, f"{name}.{part}", notes)
-                     for part, tensor in (("base", base), ("up", up), ("down", down)) if tensor is not None}
+        quantized = {}
+        if base is not None:
+            quantized["base"] = quantize(base, gram, recipe.quantize, f"{name}.base", notes)
+        else:  # the factor `up` sees the input `down @ x`, whose Gram is down G down^T (down as quantized)
+            quantized["down"] = quantize(down, gram, recipe.quantize, f"{name}.down", notes)
+            down_q = quantized["down"].dequantize(torch.float64)
+            quantized["up"] = quantize(up, down_q @ gram.double() @ down_q.T, recipe.quantize, f"{name}.up", notes)
         base, up, down = (quantized.get(part) for part in ("base", "up", "down"))
         info["bits"] = recipe.quantize.bits
         info["group_size"] = {part: q.group_size for part, q in quantized.items()}
+    if recipe.compensate:
+        up, down = compensate(weight, base.dequantize(), gram, recipe.compensate, recipe.quantize)
+        info["rank"] = down.shape[0]
     # Dense parts are stored in fp16: cast now so that the model in memory is the one written.
     base, up, down = (t.half() if isinstance(t, torch.Tensor) else t for t in (base, up, down))
     layer = CompressedLinear.from_parts(base, up, down, bias)
     info["relative_error"] = output_error(weight, layer.weight_approx(), gram)
     return layer, info
+
+
+def compensate(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, stage: Compensate,
+               quantizer: Quantize | None):
+    """Low-rank factors (up, down) of the error weight - approx; quantized per output channel when asked."""
+    error = weight.float() - approx.float()
+    rank = min(stage.rank, *error.shape)
+    lowrank = factorize_svd(error, rank) if stage.method == "lorc" else factorize_eora(error, gram, rank)
+    if stage.factor_bits is None:
+        return lowrank.up, lowrank.down
+    per_channel = Quantize(method=quantizer.method if quantizer else "rtn", bits=stage.factor_bits, group_size=0,
+                           symmetric=False)
+    down = quantize(lowrank.down, gram, per_channel, "down", [])
+    down_q = down.dequantize(torch.float64)
+    return quantize(lowrank.up, down_q @ gram.double() @ down_q.T, per_channel, "up", []), down
 
 
 def factorize(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, rank: int,
@@ -219,8 +243,18 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | No
     return factorize_awsvd(weight, gram, rank), {}  # lorap's attention half
 
 
-def quantize(tensor: torch.Tensor, stage: Quantize, name: str, notes: list[str]) -> QuantizedWeight:
+def quantize(tensor: torch.Tensor, gram: torch.Tensor, stage: Quantize, name: str, notes: list[str]) -> QuantizedWeight:
+    """The stage's quantizer on one tensor (out, in) whose inputs have Gram `gram` (in, in)."""
     group_size = resolve_group_size(tensor.shape[1], stage.group_size)
     if stage.group_size and group_size != stage.group_size:
         notes.append(f"{name}: group size {stage.group_size} does not divide {tensor.shape[1]}, used {group_size}")
-    return quantize_rtn(tensor.float(), stage.bits, group_size, stage.symmetric)
+    if stage.method == "rtn":
+        return quantize_rtn(tensor.float(), stage.bits, group_size, stage.symmetric)
+    try:
+        quantized, info = quantize_gptq(tensor.float(), gram, stage.bits, group_size, stage.symmetric, stage.act_order,
+                                        stage.static_groups, stage.damp)
+    except ValueError as exc:
+        raise CompressError(f"{name}: {exc}") from None
+    if info.damp_raised:
+        notes.append(f"{name}: GPTQ damping raised from {stage.damp:g} to {info.damp:g} of the mean diagonal (Cholesky failed)")
+    return quantized

@@ -12,7 +12,7 @@ from compress.errors import CompressError
 
 FACTORIZE_METHODS = ("svd", "svd-llm", "saes-svd", "eora", "lorap")
 ALLOCATORS = ("uniform", "welore", "lorap")
-QUANTIZE_METHODS = ("rtn",)
+QUANTIZE_METHODS = ("rtn", "gptq")
 BITS = (2, 3, 4, 8)
 
 
@@ -52,13 +52,18 @@ class Quantize:
     """Quantize the weights (or the factors, after Factorize) to `bits`, per group of `group_size` input columns.
 
     group_size 0 means one group per row; a group size that does not divide a tensor falls back to
-    the largest divisor below it, and the report says so.
+    the largest divisor below it, and the report says so. GPTQ only: act_order (columns in order of
+    decreasing Hessian diagonal), static_groups (group scales fixed on the original weight), damp
+    (fraction of the mean Hessian diagonal added to it; raised automatically when Cholesky fails).
     """
 
     method: str = "rtn"
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
 
     def __post_init__(self):
         _choice("quantize method", self.method, QUANTIZE_METHODS)
@@ -66,6 +71,10 @@ class Quantize:
             raise CompressError(f"wbits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
         if self.group_size < 0:
             raise CompressError(f"group size must be >= 0 (0: one group per row), got {self.group_size}")
+        if not 0 <= self.damp <= 1:
+            raise CompressError(f"damp must be in [0, 1], got {self.damp}")
+        if self.method == "rtn" and (self.act_order or self.static_groups):
+            raise CompressError("act-order and static groups are GPTQ options (--quantize gptq)")
 
 
 @dataclass(frozen=True)
@@ -87,9 +96,33 @@ class Calibration:
             raise CompressError(f"seqlen must be >= 2, got {self.seqlen}")
 
 
+COMPENSATE_METHODS = ("lorc", "eora")
+
+
+@dataclass(frozen=True)
+class Compensate:
+    """Low-rank compensation of the quantization error W - W_hat: W ~= base + up @ down.
+
+    lorc: ZeroQuant-V2's plain SVD of the error; eora: the error projected into the eigenspace of the
+    input Gram and truncated there. factor_bits: quantize up and down per output channel (None: fp16).
+    """
+
+    method: str = "eora"
+    rank: int = 64
+    factor_bits: int | None = None
+
+    def __post_init__(self):
+        _choice("compensation method", self.method, COMPENSATE_METHODS)
+        if self.rank < 1:
+            raise CompressError(f"compensation rank must be >= 1, got {self.rank}")
+        if self.factor_bits is not None and self.factor_bits not in BITS:
+            raise CompressError(f"factor bits must be one of {', '.join(map(str, BITS))}, got {self.factor_bits}")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Stages run in this order on every targeted linear: factorize, then quantize (the factors, if any).
+    """Stages run in this order on every targeted linear: factorize, then quantize (the factors, if any),
+    then compensate the quantization error (only without factorize).
 
     include / exclude: regular expressions over full module names; by default every linear inside
     the decoder blocks is compressed (embeddings and the LM head stay as they are).
@@ -97,6 +130,7 @@ class Recipe:
 
     factorize: Factorize | None = None
     quantize: Quantize | None = None
+    compensate: Compensate | None = None
     calibration: Calibration = field(default_factory=Calibration)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -104,6 +138,8 @@ class Recipe:
     def __post_init__(self):
         if self.factorize is None and self.quantize is None:
             raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
+        if self.compensate is not None and (self.quantize is None or self.factorize is not None):
+            raise CompressError("compensation corrects a quantized weight: use it with --wbits and without --rank-budget")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
@@ -113,7 +149,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         _known_keys("recipe", data, cls)
-        parts = {"factorize": Factorize, "quantize": Quantize, "calibration": Calibration}
+        parts = {"factorize": Factorize, "quantize": Quantize, "compensate": Compensate, "calibration": Calibration}
         kwargs = dict(data)
         for key, kind in parts.items():
             if kwargs.get(key) is not None:

@@ -20,6 +20,8 @@ class QuantizedWeight:
 
     qweight: (rows, ceil(cols/32) * bits) int32; scales: (rows, cols // group_size) fp16;
     qzeros: (groups, ceil(rows/32) * bits) int32, packed along the rows as GPTQ does, or None for a symmetric grid.
+    g_idx: (cols,) int32 group of each column when it is not column // group_size (GPTQ's act-order with
+    dynamic groups, `desc_act`), else None.
     """
 
     qweight: torch.Tensor
@@ -28,6 +30,7 @@ class QuantizedWeight:
     bits: int
     group_size: int
     shape: tuple[int, int]
+    g_idx: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -44,7 +47,7 @@ class QuantizedWeight:
         return unpack(self.qweight, self.bits, self.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.ints(), self.scales, self.zeros(), self.group_size).to(dtype)
+        return dequantize(self.ints(), self.scales, self.zeros(), self.group_size, self.g_idx).to(dtype)
 
     def stored_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
@@ -53,6 +56,8 @@ class QuantizedWeight:
         out = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
             out["qzeros"] = self.qzeros
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
         return out
 
 
@@ -113,16 +118,23 @@ def quantize_ints(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return q.clamp(0, 2**bits - 1).reshape(rows, cols).to(torch.int32)
 
 
-def dequantize(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * (q - zero) per element: (rows, cols) float32; column j uses group g_idx[j], or j // group_size."""
     rows, cols = ints.shape
+    if g_idx is not None:
+        g_idx = g_idx.long()
+        return (ints - zeros[:, g_idx]).float() * scales.float()[:, g_idx]
     grouped = (ints.reshape(rows, -1, group_size) - zeros.unsqueeze(-1)).float()
     return (grouped * scales.float().unsqueeze(-1)).reshape(rows, cols)
 
 
-def make_quantized(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, symmetric: bool) -> QuantizedWeight:
-    """Pack ints (rows, cols) with their (rows, groups) scales and zeros into a QuantizedWeight."""
+def make_quantized(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, symmetric: bool,
+                   g_idx: torch.Tensor | None = None) -> QuantizedWeight:
+    """Pack ints (rows, cols) with their (rows, groups) scales and zeros (and g_idx) into a QuantizedWeight."""
     rows, cols = ints.shape
     return QuantizedWeight(
         qweight=pack(ints, bits), scales=scales.to(torch.float16), qzeros=None if symmetric else pack(zeros.T, bits),
         bits=bits, group_size=cols // scales.shape[1], shape=(rows, cols),
+        g_idx=None if g_idx is None else g_idx.to(torch.int32),
     )

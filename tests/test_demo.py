@@ -29,7 +29,8 @@ def test_demo_is_a_small_llama3_shaped_model(demo):
     assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
     assert config.hidden_act == "silu"  # SwiGLU MLP
     assert (DEMO_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
-    assert str(config.dtype).endswith("float16")
+    assert json.loads((DEMO_DIR / "config.json").read_text())["dtype"] == "float16"
+    assert str(config.dtype).endswith("float16")  # kept, so that outputs store untouched tensors in fp16
 
 
 def test_recorded_heldout_perplexity_reproduces(demo):

@@ -1,0 +1,180 @@
+"""GPTQ (Frantar et al., ICLR 2023): quantize a linear's columns one at a time, each time pushing the
+rounding error onto the columns not yet quantized through the inverse Hessian (Optimal Brain Surgeon).
+
+Minimises the layer objective ||(W - Q) X||_F^2 = tr((W - Q) H (W - Q)^T), H = gram = sum x x^T, on
+the shared min-max grid of kernels.grid. The algorithm is the reference's `fasterquant`
+(IST-DASLab/gptq gptq.py), with the Hessian math in float64:
+
+  1. dead inputs (H_jj == 0): H_jj = 1 and W[:, j] = 0;
+  2. act-order: process columns in order of decreasing H_jj (perm = argsort(diag H, descending));
+  3. damping: H += lambda I, lambda = damp * mean(diag H), raised x10 (up to 1.0) while Cholesky fails;
+  4. Hinv = upper Cholesky factor of H^-1;
+  5. blocks of `block_size` columns: quantize column i, err = (w_i - q_i) / Hinv_ii,
+     W[:, i:] -= err Hinv[i, i:] (inside the block at once, beyond it lazily after the block).
+
+Groups. Dynamic groups (the default): at each group start in processing order the scale and zero are
+found on that group's columns of the error-updated W, as the reference and GPTQModel do: W there holds
+the updates of all earlier blocks but not yet those of earlier columns in the current block (which live
+in the block's working copy), so with group_size = block_size (128) the grid sees fully updated columns.
+Static groups: scales and zeros are found once on the original W (dead inputs zeroed), group g =
+original columns [g*gs, (g+1)*gs); the loop reads each column's group through the permutation.
+
+Storage. The result is a kernels.grid.QuantizedWeight in the original column order. Column j belongs to
+group j // group_size without act-order, with act-order and static groups, and with one group per row.
+Act-order with dynamic groups (and group_size < in) makes groups consecutive in the permuted order, so
+the weight carries each column's group index `g_idx` (the GPTQ checkpoint convention, desc_act=True).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.grid import QuantizedWeight, dequantize, find_params, make_quantized, quantize_ints
+
+MAX_DAMP = 1.0  # the largest damping tried, as a fraction of the mean Hessian diagonal
+
+
+@dataclass(frozen=True)
+class GPTQInfo:
+    """What one GPTQ run did.
+
+    damp: the damping used, as a fraction of the mean diagonal of H; damp_raised: whether the requested
+    damp had to be raised for the Cholesky factorisations to succeed; loss: the GPTQ layer loss
+    sum (w - q)^2 / Hinv_ii^2 / 2 (equal to tr((W - Q)(H + lambda I)(W - Q)^T) / 2, W with dead inputs zeroed);
+    g_idx: (in,) int64 group of each original column when it is not column // group_size (act-order with
+    dynamic groups), else None.
+    """
+
+    damp: float
+    damp_raised: bool
+    loss: float
+    g_idx: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """GPTQ's output unpacked, in the original column order.
+
+    ints: (out, in) int32 in [0, 2**bits); scales: (out, groups) float32 (fp16-representable);
+    zeros: (out, groups) int32; g_idx: (in,) int64 group of each column; dequantized: (out, in) float32,
+    the Q the loop used, equal to scales[:, g_idx] * (ints - zeros[:, g_idx]).
+    """
+
+    ints: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    dequantized: torch.Tensor
+    info: GPTQInfo
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, bool]:
+    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), float64 (n, n).
+
+    When a factorisation fails, damp is raised x10 (to at most MAX_DAMP); returns (U, damp used, raised).
+    """
+    hessian = hessian.double()
+    mean_diag = hessian.diagonal().mean().item()
+    eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    tried = damp
+    while True:
+        lower, info = torch.linalg.cholesky_ex(hessian + tried * mean_diag * eye)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, tried, tried != damp
+        if tried >= MAX_DAMP:
+            raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {tried:g} x mean diagonal "
+                             f"({mean_diag:.3g}); the calibration statistics are broken (too few or non-finite tokens?)")
+        tried = min(MAX_DAMP, tried * 10 if tried > 0 else 0.01)
+
+
+def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+             act_order: bool = False, static_groups: bool = False, damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+    """GPTQ of weight (out, in) against gram (in, in) = sum x x^T; `group_size` must divide `in`.
+
+    Returns the unpacked result in the original column order; `quantize_gptq` packs it.
+    """
+    rows, cols = weight.shape
+    if gram.shape != (cols, cols):
+        raise ValueError(f"GPTQ: gram has shape {tuple(gram.shape)}, expected ({cols}, {cols}) for weight {tuple(weight.shape)}")
+    if group_size <= 0 or cols % group_size:
+        raise ValueError(f"GPTQ: group_size {group_size} does not divide in_features {cols} (use grid.resolve_group_size)")
+    if damp < 0 or block_size <= 0:
+        raise ValueError(f"GPTQ: damp must be >= 0 and block_size > 0, got damp={damp}, block_size={block_size}")
+    H = gram.to(device=weight.device, dtype=torch.float64, copy=True)
+    if not torch.isfinite(H).all():
+        raise ValueError("GPTQ: the gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
+    W = weight.to(torch.float64, copy=True)
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    groups = cols // group_size
+    if static_groups:
+        static_scales, static_zeros = find_params(W, bits, group_size, symmetric)  # original column order
+
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, damp_used, damp_raised = inverse_hessian_factor(H, damp)
+    del H
+
+    Q = torch.zeros_like(W)  # dequantized, processing order
+    ints = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # processing order
+    scales = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
+    zeros = torch.zeros(rows, groups, dtype=torch.int32, device=W.device)
+    losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static_groups:
+                group = perm[col].item() // group_size
+                scale, zero = static_scales[:, group:group + 1], static_zeros[:, group:group + 1]
+            else:
+                group = col // group_size
+                if col % group_size == 0:  # a group starts: grid of its columns in W, updated up to this block
+                    scale, zero = find_params(W[:, col:col + group_size], bits, group_size, symmetric)
+                    scales[:, group:group + 1], zeros[:, group:group + 1] = scale, zero
+            w = W1[:, i:i + 1]
+            q_int = quantize_ints(w, scale, zero, bits)
+            q = dequantize(q_int, scale, zero, 1).double()
+            ints[:, col:col + 1], Q[:, col:col + 1] = q_int, q
+            d = Hinv1[i, i]
+            err = (w - q) / d
+            losses += err.squeeze(1) ** 2 / 2
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if static_groups:
+        scales, zeros = static_scales, static_zeros
+    g_idx = torch.arange(cols, device=W.device) // group_size
+    if act_order:
+        invperm = torch.argsort(perm)
+        ints, Q = ints[:, invperm], Q[:, invperm]
+        if not static_groups:
+            g_idx = invperm // group_size  # original column j was processed at position invperm[j]
+    info = GPTQInfo(damp=damp_used, damp_raised=damp_raised, loss=losses.sum().item(),
+                    g_idx=g_idx if act_order and not static_groups and groups > 1 else None)
+    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q.float(), info=info)
+
+
+def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+                  block_size: int = 128) -> tuple[QuantizedWeight, GPTQInfo]:
+    """GPTQ of weight (out, in) against gram (in, in) = sum x x^T -> (QuantizedWeight, GPTQInfo).
+
+    `group_size` must divide `in` (callers resolve it with grid.resolve_group_size); group_size == in is
+    one group per row. `damp` is a fraction of the mean diagonal of the gram.
+    """
+    result = run_gptq(weight, gram, bits, group_size, symmetric, act_order, static_groups, damp, block_size)
+    return make_quantized(result.ints, result.scales, result.zeros, bits, symmetric, result.info.g_idx), result.info

@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from compress.quantize.gptq import GPTQInfo, quantize_gptq, run_gptq
+from compress.quantize.rtn import quantize_rtn
+from kernels.grid import QuantizedWeight
+
+
+def problem(rows=64, cols=128, tokens=512, seed=0):
+    """A weight and the gram X^T X of inputs X (tokens, cols) as real activations: correlated through a few shared
+    directions (rank 8), and with channel scales spread over orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g)
+    mixing = torch.eye(cols) + 0.1 * torch.randn(cols, 8, generator=g) @ torch.randn(8, cols, generator=g) / 8**0.5
+    channel_scale = torch.exp(1.5 * torch.randn(cols, generator=g))  # a few channels dominate
+    X = (torch.randn(tokens, cols, generator=g) @ mixing) * channel_scale
+    return weight, X.double().T @ X.double()
+
+
+def objective(weight, approx, gram):
+    """||(W - Q) X||_F from the gram X^T X."""
+    error = (weight.double() - approx.double())
+    return torch.einsum("oi,ij,oj->", error, gram.double(), error).sqrt().item()
+
+
+def damped(gram, damp):
+    H = gram.double().clone()
+    H[H.diagonal() == 0, H.diagonal() == 0] = 1
+    return H + damp * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, symmetric):
+    weight, gram = problem()
+    rtn = objective(weight, quantize_rtn(weight, bits, group_size, symmetric).dequantize(), gram)
+    for act_order in (False, True):
+        packed, info = quantize_gptq(weight, gram, bits, group_size, symmetric, act_order=act_order, static_groups=act_order)
+        assert isinstance(packed, QuantizedWeight) and isinstance(info, GPTQInfo)
+        assert not info.damp_raised and info.damp == 0.01 and info.g_idx is None
+        ratio = objective(weight, packed.dequantize(), gram) / rtn
+        assert ratio < (0.85 if bits <= 3 else 1.0), (act_order, ratio)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits):
+    weight, gram = problem(rows=16, cols=96)
+    # block_size 40 and group_size 32 do not align: groups straddle blocks.
+    kwargs = dict(act_order=act_order, static_groups=act_order, block_size=40)
+    result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs)
+    packed, info = quantize_gptq(weight, gram, bits, 32, symmetric, **kwargs)
+    assert torch.equal(packed.dequantize(), result.dequantized)
+    assert torch.equal(packed.ints(), result.ints)
+    assert packed.ints().min() >= 0 and packed.ints().max() <= 2**bits - 1
+    assert packed.symmetric == symmetric and packed.group_size == 32 and packed.shape == (16, 96)
+    # W - Q = E U with Hinv = U, so the reported loss is half the damped-Hessian error of the packed weight.
+    direct = objective(weight, packed.dequantize(), damped(gram, info.damp)) ** 2 / 2
+    assert info.loss == pytest.approx(direct, rel=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_identity_gram_gives_rtn(group_size, symmetric):
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    packed, _ = quantize_gptq(weight, torch.eye(128), 3, group_size, symmetric)
+    rtn = quantize_rtn(weight, 3, group_size, symmetric)
+    assert torch.equal(packed.ints(), rtn.ints())
+    assert torch.equal(packed.scales, rtn.scales)
+    assert torch.equal(packed.zeros(), rtn.zeros())
+
+
+def test_dead_input_and_rank_deficient_gram():
+    weight, _ = problem(rows=16, cols=64)
+    X = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))  # 20 tokens < 64 columns: rank 20
+    X[:, 5] = 0  # a dead input channel
+    gram = X.double().T @ X.double()
+    packed, info = quantize_gptq(weight, gram, 4, 32, symmetric=False, act_order=True, static_groups=True)
+    assert torch.isfinite(packed.dequantize()).all() and torch.isfinite(torch.tensor(info.loss))
+    assert (packed.dequantize()[:, 5] == 0).all()  # dead columns are zeroed before quantization
+
+
+def test_damping_is_raised_when_cholesky_fails_and_reported():
+    weight, gram = problem(rows=8, cols=32, tokens=256)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    v = vectors[:, :1]
+    # A negative eigenvalue of -5% of the mean diagonal (as from a badly accumulated gram): 1% damping cannot fix it, 10% can.
+    broken = gram + (-0.05 * gram.diagonal().mean() - eigenvalues[0]) * (v @ v.T)
+    packed, info = quantize_gptq(weight, broken, 4, 32, symmetric=True)
+    assert info.damp_raised and info.damp == pytest.approx(0.1)
+    assert torch.isfinite(packed.dequantize()).all()
+
+    hopeless = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalue -2 against a mean diagonal of 1
+    with pytest.raises(ValueError, match="not positive definite"):
+        quantize_gptq(torch.randn(4, 2), hopeless, 4, 2, symmetric=True)
+
+
+def test_act_order_with_dynamic_groups_carries_gidx():
+    weight, gram = problem(rows=16, cols=96)
+    quantized, info = quantize_gptq(weight, gram, 3, 32, symmetric=False, act_order=True)
+    result = run_gptq(weight, gram, 3, 32, symmetric=False, act_order=True)
+    assert torch.equal(quantized.dequantize(), result.dequantized)  # the packed weight reads its groups through g_idx
+    g_idx, ints = info.g_idx, quantized.ints()
+    assert g_idx.shape == (96,) and torch.equal(quantized.g_idx.long(), g_idx.long())
+    assert torch.equal(torch.bincount(g_idx, minlength=3), torch.full((3,), 32))  # every group holds group_size columns
+    assert not torch.equal(g_idx, torch.arange(96) // 32)  # the groups really are out of column order here
+    assert ints.min() >= 0 and ints.max() <= 7
+    # Columns of the first group are those with the largest gram diagonal.
+    assert set(g_idx.eq(0).nonzero().flatten().tolist()) == set(gram.diagonal().argsort(descending=True)[:32].tolist())
+    rtn = objective(weight, quantize_rtn(weight, 3, 32, False).dequantize(), gram)
+    assert objective(weight, result.dequantized, gram) < 0.8 * rtn
+    # With one group per row act-order needs no g_idx.
+    packed, info = quantize_gptq(weight, gram, 3, 96, symmetric=False, act_order=True)
+    assert isinstance(packed, QuantizedWeight) and info.g_idx is None
+
+
+def test_bad_group_size_is_rejected():
+    with pytest.raises(ValueError, match="resolve_group_size"):
+        quantize_gptq(torch.randn(4, 96), torch.eye(96), 4, 64, symmetric=True)
