@@ -2,6 +2,7 @@
 
     compress --model demo --rank-budget 0.5 --wbits 4 --out demo-r50-w4
     compress eval DIR --ppl demo [--seqlen N] [--json FILE]
+    compress compensate --model QUANTIZED_DIR --original MODEL --rank 64 [--method eora|lorc] --out OUT
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from compress.errors import CompressError
 from compress.recipe import ALLOCATORS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Compensate, Factorize, Quantize, Recipe
@@ -19,7 +22,7 @@ RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "gr
 
 def compress_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress a causal LM: W ~= base + up @ down.",
-                                     epilog="Other commands: compress eval DIR --ppl SRC")
+                                     epilog="Other commands: compress eval DIR --ppl SRC; compress compensate --model DIR --original MODEL --out OUT")
     parser.add_argument("--model", required=True, help="alias (demo, llama-3-8b, ...), hub id, or local directory")
     parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -153,6 +156,60 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
+def run_compensate(argv: list[str]) -> int:
+    import shutil
+
+    from compress.adapter import save_lora_adapter
+    from compress.checkpoints import read_quantized_weights
+    from compress.layer import CompressedLinear
+    from compress.models import load_model
+    from compress.native import CONFIG, atomic_directory, check_out, load_compressed
+    from compress.pipeline import compress_model
+    from kernels.reference import materialize
+
+    parser = argparse.ArgumentParser(prog="compress compensate",
+                                     description="Add a low-rank compensation of the quantization error to a quantized model.")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="quantized model directory: GPTQ, compressed-tensors pack-quantized, or this tool's output")
+    parser.add_argument("--original", required=True, help="the full-precision model it was quantized from (alias, hub id, dir)")
+    parser.add_argument("--rank", type=int, default=64, help="rank of the compensation (default 64)")
+    parser.add_argument("--method", choices=("eora", "lorc"), default="eora", help="eora (default) or lorc")
+    parser.add_argument("--factor-bits", type=int, help="quantize the factors per output channel (default: fp16)")
+    parser.add_argument("--out", type=Path, required=True, help="output: the quantized files unchanged, plus adapter/")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--calib")
+    parser.add_argument("--nsamples", type=int, default=Calibration.nsamples)
+    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--seed", type=int, default=Calibration.seed)
+    args = parser.parse_args(argv)
+    recipe = Recipe(compensate=Compensate(args.method, args.rank, args.factor_bits),
+                    calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed))
+    check_out(args.out, args.overwrite)
+    if not args.model.is_dir():
+        raise CompressError(f"quantized model directory '{args.model}' does not exist")
+    if (args.model / CONFIG).is_file():
+        native = load_compressed(args.model)
+        bases = {name: m.weight_approx() for name, m in native.named_modules() if isinstance(m, CompressedLinear)}
+        source_format = "compress-native"
+    else:
+        bases, source_format = read_quantized_weights(args.model)
+    model, tokenizer, resolved = load_model(args.original)
+    result = compress_model(model, recipe, tokenizer=tokenizer, bases=bases)
+    factors = {}
+    for name in result.report["layers"]:
+        layer = model.get_submodule(name)
+        factors[name] = (materialize(layer.up.operand(), torch.float32), materialize(layer.down.operand(), torch.float32))
+    with atomic_directory(args.out, args.overwrite) as tmp:
+        shutil.copytree(args.model, tmp, dirs_exist_ok=True)
+        save_lora_adapter(factors, resolved, tmp / "adapter")
+        record = {"source_format": source_format, "original": resolved, "recipe": recipe.to_dict(), "report": result.report}
+        (tmp / "compensation.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{source_format}: {len(factors)} layers compensated with {args.method} rank {args.rank}   "
+          f"{result.report['seconds']:.1f} s")
+    print(f"wrote {args.out.resolve()}  (quantized files unchanged; LoRA adapter in adapter/)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from calibration.data import CalibrationError
 
@@ -160,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["eval"]:
             return run_eval(argv[1:])
+        if argv[:1] == ["compensate"]:
+            return run_compensate(argv[1:])
         return run_compress(argv)
     except (CompressError, CalibrationError) as exc:
         print(f"compress: error: {exc}", file=sys.stderr)

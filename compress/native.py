@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -54,11 +55,7 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
         keep = key.startswith(compressed_keys) or not tensor.is_floating_point()
         state[key] = (tensor if keep else tensor.to(storage_dtype)).detach().contiguous().clone()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_directory(out, overwrite) as tmp:
         save_file(state, tmp / TENSORS, metadata={"format": "pt"})  # one key: safetensors writes a map in no fixed order
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -73,6 +70,19 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
         (tmp / "recipe.yaml").write_text(compressed.recipe.to_yaml())
         if extras is not None:
             extras(tmp)
+    return out
+
+
+@contextmanager
+def atomic_directory(out: Path, overwrite: bool = False):
+    """A temporary directory beside `out`, moved into its place only when the block completes (else removed)."""
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -82,7 +92,6 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def read_compression_config(path: str | Path) -> dict:

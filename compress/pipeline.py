@@ -46,17 +46,27 @@ class Compressed:
 
 
 def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | torch.Tensor | None = None,
-                   tokenizer=None, progress: bool = True) -> Compressed:
+                   tokenizer=None, progress: bool = True, bases: dict[str, torch.Tensor] | None = None) -> Compressed:
     """Compress `model` (a model, alias, hub id or directory) in place as `recipe` says.
 
     calib: token ids (nsamples, seqlen), or a text source overriding recipe.calibration.source.
+    bases: {module name: weight (out, in)} already quantized by someone else (their dequantized values): only
+    those layers are touched, each becoming base + the recipe's compensation.
     """
+    if recipe.compensate and not recipe.quantize and bases is None:
+        raise CompressError("compensation needs a quantized base: give --wbits, or run `compress compensate` on a "
+                            "quantized checkpoint")
     start = time.time()
     base_model = model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, str):
         model, tokenizer, base_model = load_model(model)
     prefix, blocks = find_blocks(model)
     targets = select_linears(prefix, blocks, recipe)
+    if bases is not None:
+        missing = sorted(set(bases) - {name for block in targets for name in block})
+        if missing:
+            raise CompressError(f"the quantized checkpoint has layers the model lacks or the recipe excludes: {missing[:3]}")
+        targets = [{name: layer for name, layer in block.items() if name in bases} for block in targets]
     shapes = {name: (layer.out_features, layer.in_features) for block in targets for name, layer in block.items()}
     plan = allocate(recipe.factorize, targets, shapes) if recipe.factorize else Plan({}, set())
     if recipe.quantize:
@@ -77,8 +87,9 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             model.config.intermediate_size = kept
         for name, linear in targets[index].items():
             bias = None if linear.bias is None else linear.bias.detach().clone()
+            given = None if bases is None else bases[name]
             layer, layers[name] = compress_linear(name, weights[name], bias, grams[name], stats[name].cross,
-                                                  plan.ranks.get(name), recipe, notes)
+                                                  plan.ranks.get(name), recipe, notes, given)
             layers[name]["shape"] = list(linear.weight.shape)
             if name in plan.pruned:
                 layers[name]["channels_kept"] = kept
@@ -181,8 +192,10 @@ def calibration_ids(model: nn.Module, tokenizer, recipe: Recipe, calib) -> torch
 
 
 def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
-                    cross: torch.Tensor | None, rank: int | None, recipe: Recipe, notes: list[str]) -> tuple[CompressedLinear, dict]:
-    """Factorize (rank given) and/or quantize one weight (out, in); returns the layer and its report entry."""
+                    cross: torch.Tensor | None, rank: int | None, recipe: Recipe, notes: list[str],
+                    given_base: torch.Tensor | None = None) -> tuple[CompressedLinear, dict]:
+    """Factorize (rank given) and/or quantize one weight (out, in), or take a given quantized base, then compensate;
+    returns the layer and its report entry."""
     info: dict = {}
     base = up = down = None
     if recipe.factorize and rank is not None:
@@ -190,7 +203,7 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
         up, down = lowrank.up, lowrank.down
         info.update(rank=rank, **details)
     else:
-        base = weight
+        base = weight if given_base is None else given_base
     if recipe.quantize:
         quantized = {}
         if base is not None:
@@ -203,10 +216,14 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
         info["bits"] = recipe.quantize.bits
         info["group_size"] = {part: q.group_size for part, q in quantized.items()}
     if recipe.compensate:
-        up, down = compensate(weight, base.dequantize(), gram, recipe.compensate, recipe.quantize)
+        approx = base.dequantize() if isinstance(base, QuantizedWeight) else base
+        up, down = compensate(weight, approx, gram, recipe.compensate, recipe.quantize)
         info["rank"] = down.shape[0]
-    # Dense parts are stored in fp16: cast now so that the model in memory is the one written.
-    base, up, down = (t.half() if isinstance(t, torch.Tensor) else t for t in (base, up, down))
+    # Dense parts are stored in fp16: cast now so that the model in memory is the one written. A given base
+    # stays exact: it stands for someone else's quantized tensors, which are kept as they are.
+    up, down = (t.half() if isinstance(t, torch.Tensor) else t for t in (up, down))
+    if given_base is None and isinstance(base, torch.Tensor):
+        base = base.half()
     layer = CompressedLinear.from_parts(base, up, down, bias)
     info["relative_error"] = output_error(weight, layer.weight_approx(), gram)
     return layer, info

@@ -136,9 +136,9 @@ class Recipe:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.factorize is None and self.quantize is None:
+        if self.factorize is None and self.quantize is None and self.compensate is None:
             raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
-        if self.compensate is not None and (self.quantize is None or self.factorize is not None):
+        if self.compensate is not None and self.factorize is not None:
             raise CompressError("compensation corrects a quantized weight: use it with --wbits and without --rank-budget")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -1,0 +1,110 @@
+"""`compress compensate` on checkpoints built here by following the GPTQ and compressed-tensors conventions."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.checkpoints import read_quantized_weights
+from compress.cli import main
+from test_formats import ct_checkpoint, gptq_checkpoint
+
+BITS, GROUP = 4, 32
+
+
+def rtn_grid(weight: torch.Tensor, g_idx: torch.Tensor):
+    """Asymmetric min-max ints, zeros and fp16 scales per (group, row), written out here, independent of kernels.grid."""
+    out_features, _ = weight.shape
+    groups = int(g_idx.max()) + 1
+    scales, zeros = torch.zeros(groups, out_features), torch.zeros(groups, out_features, dtype=torch.int64)
+    q = torch.zeros_like(weight, dtype=torch.int64)
+    for g in range(groups):
+        cols = (g_idx == g).nonzero().flatten()
+        block = weight[:, cols]
+        low, high = block.min(1).values.clamp(max=0), block.max(1).values.clamp(min=0)
+        scale = ((high - low) / (2**BITS - 1)).clamp(min=1e-6).half().float()
+        zero = torch.round(-low / scale).clamp(0, 2**BITS - 1)
+        q[:, cols] = torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, 2**BITS - 1).long()
+        scales[g], zeros[g] = scale, zero.long()
+    expected = scales[g_idx].T * (q - zeros[g_idx].T).float()
+    return q, zeros, scales, expected
+
+
+def write_checkpoint(tiny_model_dir, path, kind: str, act_order: bool):
+    state = load_file(tiny_model_dir / "model.safetensors")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    expected, tensors = {}, {}
+    for key, weight in state.items():
+        if ".layers." not in key or not key.endswith("_proj.weight"):
+            tensors[key] = weight
+            continue
+        name = key.removesuffix(".weight")
+        in_features = weight.shape[1]
+        g_idx = torch.arange(in_features) // GROUP
+        if act_order:
+            g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(len(name)))]
+        q, zeros, scales, expected[name] = rtn_grid(weight.float(), g_idx)
+        if kind.startswith("gptq"):
+            qweight, qzeros, scales16, g, _ = gptq_checkpoint(q, zeros, scales, g_idx, BITS, kind)
+            tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales16,
+                            f"{name}.g_idx": g})
+        else:
+            packed, zero_point = ct_checkpoint(q - 2 ** (BITS - 1), (zeros - 2 ** (BITS - 1)).T, BITS, dense=True)
+            tensors.update({f"{name}.weight_packed": packed, f"{name}.weight_scale": scales.T.half().contiguous(),
+                            f"{name}.weight_zero_point": zero_point.contiguous(), f"{name}.weight_shape": torch.tensor(weight.shape)})
+            if act_order:
+                tensors[f"{name}.weight_g_idx"] = g_idx.int()
+    if kind.startswith("gptq"):
+        config["quantization_config"] = {"quant_method": "gptq", "bits": BITS, "group_size": GROUP, "sym": False,
+                                         "desc_act": act_order, "checkpoint_format": kind}
+    else:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "version": "0.12.2",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": BITS, "type": "int", "symmetric": False, "strategy": "group", "group_size": GROUP,
+                "actorder": "group" if act_order else None}}}}
+    path.mkdir()
+    save_file(tensors, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config))
+    for file in tiny_model_dir.glob("tokenizer*"):
+        (path / file.name).write_bytes(file.read_bytes())
+    return expected
+
+
+@pytest.mark.parametrize("kind, act_order", [("gptq", False), ("gptq", True), ("gptq_v2", True),
+                                             ("pack-quantized", False), ("pack-quantized", True)])
+def test_dequantized_weights_come_back_exactly(tiny_model_dir, tmp_path, kind, act_order):
+    expected = write_checkpoint(tiny_model_dir, tmp_path / "q", kind, act_order)
+    weights, _ = read_quantized_weights(tmp_path / "q")
+    assert weights.keys() == expected.keys() and len(weights) == 14
+    for name in expected:
+        assert torch.equal(weights[name], expected[name]), name
+
+
+def test_compensate_keeps_the_quantized_files_and_adds_an_adapter(tiny_model_dir, tmp_path):
+    expected = write_checkpoint(tiny_model_dir, tmp_path / "q", "gptq", act_order=True)
+    out = tmp_path / "out"
+    argv = ["compensate", "--model", str(tmp_path / "q"), "--original", str(tiny_model_dir), "--rank", "8",
+            "--method", "lorc", "--nsamples", "4", "--seqlen", "32", "--out", str(out)]
+    assert main(argv) == 0
+    for file in (tmp_path / "q").iterdir():
+        assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 8 and "q_proj" in config["target_modules"]
+    original = load_file(tiny_model_dir / "model.safetensors")
+    for name, w_hat in expected.items():
+        a = adapter[f"base_model.model.{name}.lora_A.weight"].float()
+        b = adapter[f"base_model.model.{name}.lora_B.weight"].float()
+        weight = original[f"{name}.weight"].float()
+        assert a.shape == (8, weight.shape[1]) and b.shape == (weight.shape[0], 8)
+        assert (weight - w_hat - b @ a).norm() < (weight - w_hat).norm()  # LoRC: the error's best rank-8 part
+    report = json.loads((out / "compensation.json").read_text())
+    assert report["source_format"] == "gptq (gptq)" and len(report["report"]["layers"]) == 14
+
+
+def test_compensate_refuses_a_plain_model(capsys, tiny_model_dir, tmp_path):
+    code = main(["compensate", "--model", str(tiny_model_dir), "--original", str(tiny_model_dir), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and "not a quantized checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
