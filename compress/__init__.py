@@ -3,7 +3,7 @@ from compress.errors import CompressError
 from compress.layer import CompressedLinear
 from compress.native import load_compressed, save_compressed
 from compress.pipeline import Compressed, compress_model
-from compress.recipe import Calibration, Factorize, Quantize, Recipe
+from compress.recipe import Calibration, Compensate, Factorize, Quantize, Recipe
 
-__all__ = ["Calibration", "Compressed", "CompressError", "CompressedLinear", "Factorize", "Quantize", "Recipe",
+__all__ = ["Calibration", "Compensate", "Compressed", "CompressError", "CompressedLinear", "Factorize", "Quantize", "Recipe",
            "compress_model", "load_compressed", "save_compressed"]

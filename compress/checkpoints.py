@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 
 from compress.errors import CompressError
-from kernels.formats import dequantize_compressed_tensors, dequantize_gptq
+from kernels.formats import (dequantize_compressed_tensors, dequantize_gptq, encode_gptq_zeros, pack_gptq_qweight,
+                             pack_gptq_qzeros)
+from kernels.grid import QuantizedWeight
 
 
 def quantization_config(path: Path) -> dict:
@@ -98,3 +100,13 @@ def _version(text: str | None) -> tuple[int, ...]:
     if not text:
         return (0, 18)  # no version recorded: the current layout
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+def gptq_tensors(name: str, quantized: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """A QuantizedWeight as the GPTQ checkpoint convention stores it: {name.qweight, .qzeros, .scales, .g_idx}."""
+    rows, cols = quantized.shape
+    g_idx = quantized.g_idx if quantized.g_idx is not None else torch.arange(cols) // quantized.group_size
+    stored_zeros = encode_gptq_zeros(quantized.zeros().T, quantized.bits, checkpoint_format)
+    return {f"{name}.qweight": pack_gptq_qweight(quantized.ints(), quantized.bits),
+            f"{name}.qzeros": pack_gptq_qzeros(stored_zeros, quantized.bits),
+            f"{name}.scales": quantized.scales.T.contiguous(), f"{name}.g_idx": g_idx.to(torch.int32)}

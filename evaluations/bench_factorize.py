@@ -9,7 +9,6 @@ Writes the table as JSON and a PNG of perplexity against bits per weight (--out,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from compress.models import load_model
 from compress.pipeline import factorize
 from compress.recipe import Calibration
 from evaluations.perplexity import eval_text, perplexity
+from evaluations.tables import format_row, header, plot_pareto, table, write_results
 
 METHODS = ("svd", "svd-llm", "saes-svd", "eora", "lorap")
 ALLOCATORS = ("uniform", "welore")
@@ -37,8 +37,8 @@ def quality_table(methods, allocators, budgets, wbits_options, nsamples, eval_id
     seqlen = model.config.max_position_embeddings
     rows = [{"method": "original", "allocate": "-", "rank_budget": 1.0, "wbits": 16, "bits_per_weight": 16.0,
              "perplexity": perplexity(model, eval_ids, seqlen, progress=False), "seconds": 0.0}]
-    print(header())
-    print(format_row(rows[0]), flush=True)
+    print(header(COLUMNS))
+    print(format_row(rows[0], COLUMNS), flush=True)
     for budget in budgets:
         for method, allocate in combinations(methods, allocators):
             for wbits in wbits_options:
@@ -53,7 +53,7 @@ def quality_table(methods, allocators, budgets, wbits_options, nsamples, eval_id
                              "bits_per_weight": result.report["bits_per_weight"],
                              "perplexity": perplexity(result.model, eval_ids, seqlen, progress=False),
                              "seconds": round(seconds, 1)})
-                print(format_row(rows[-1]), flush=True)
+                print(format_row(rows[-1], COLUMNS), flush=True)
     return rows
 
 
@@ -76,37 +76,8 @@ def scaling_sweep(methods, sizes, tokens_per_channel: int = 4) -> list[dict]:
     return rows
 
 
-def header() -> str:
-    return ("| method   | allocate | budget | wbits |    bpw | perplexity |     s |\n"
-            "|----------|----------|--------|-------|--------|------------|-------|")
-
-
-def format_row(row: dict) -> str:
-    return (f"| {row['method']:8s} | {row['allocate']:8s} | {row['rank_budget']:6.2f} | {row['wbits']:5d} | "
-            f"{row['bits_per_weight']:6.3f} | {row['perplexity']:10.3f} | {row['seconds']:5.1f} |")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (method, allocate) in sorted({(r["method"], r["allocate"]) for r in rows if r["method"] != "original"}):
-        points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows
-                        if r["method"] == method and r["allocate"] == allocate)
-        ax.plot(*zip(*points), marker="o", label=f"{method} / {allocate}")
-    original = next(r for r in rows if r["method"] == "original")
-    ax.axhline(original["perplexity"], color="black", linestyle="--", label="original (16 bit)")
-    ax.set_xlabel("bits per weight (compressed layers)")
-    ax.set_ylabel("perplexity (demo held-out)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("demo model: perplexity against size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+COLUMNS = (("method", "{:<8}"), ("allocate", "{:<8}"), ("rank_budget", "{:>6.2f}"), ("wbits", "{:>5d}"),
+           ("bits_per_weight", "{:>7.3f}"), ("perplexity", "{:>10.3f}"), ("seconds", "{:>6.1f}"))
 
 
 def main() -> None:
@@ -130,9 +101,11 @@ def main() -> None:
     sweep = scaling_sweep(args.methods, args.sizes) if args.sizes else []
     result = {"table": rows, "scaling": sweep, "eval_tokens": len(eval_ids), "nsamples": args.nsamples,
               "threads": torch.get_num_threads()}
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, args.out / "perplexity_vs_bits.png")
-    print(f"\n{header()}\n" + "\n".join(format_row(r) for r in rows))
+    write_results(result, args.out)
+    for row in rows:
+        row["series"] = f"{row['method']} / {row['allocate']}"
+    plot_pareto(rows, args.out / "perplexity_vs_bits.png", "series", "demo model: factorizations")
+    print("\n" + table(rows, COLUMNS))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'perplexity_vs_bits.png'}")
 
 

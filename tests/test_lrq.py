@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from calibration import block_linears
+from calibration.capture import capture_block_inputs, run_block
+from compress.quantize.lrq import LRQConfig, LRQParams, lrq_rounded, lrq_weight, quantize_block_lrq, train_lrq_block
+from compress.quantize.rtn import quantize_rtn
+from kernels.grid import find_params, make_quantized, quantize_ints
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is several times faster than two on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def block_problem():
+    """A real tiny Llama block, its linears {full name: linear}, inputs (8, 32, 64), kwargs and fp outputs."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=128)
+    model = LlamaForCausalLM(config).eval()
+    block = model.model.layers[0]
+    input_ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    inputs, kwargs = capture_block_inputs(model, block, input_ids)
+    targets = run_block(block, inputs, kwargs)
+    linears = {f"model.layers.0.{name}": layer for name, layer in block_linears(block).items()}
+    return block, linears, inputs, targets, kwargs
+
+
+def block_error(block, linears, quantized, inputs, targets, kwargs):
+    """Mean squared block-output error with the dequantized weights swapped in, on a copy of the block."""
+    names = {id(module): name for name, module in block.named_modules()}
+    copied = copy.deepcopy(block)
+    for full, linear in linears.items():
+        copied.get_submodule(names[id(linear)]).weight.data = quantized[full].dequantize()
+    return (run_block(copied, inputs, kwargs) - targets).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_lrq_beats_rtn_on_the_block_output(block_problem, bits):
+    block, linears, inputs, targets, kwargs = block_problem
+    config = LRQConfig(bits=bits, group_size=32)
+    lrq = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
+    rtn = {name: quantize_rtn(linear.weight.detach().float(), bits, 32, False) for name, linear in linears.items()}
+    lrq_error = block_error(block, linears, lrq, inputs, targets, kwargs)
+    rtn_error = block_error(block, linears, rtn, inputs, targets, kwargs)
+    print(f"{bits} bits g32: block error LRQ / RTN = {lrq_error / rtn_error:.3f}")
+    assert lrq_error < rtn_error
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_zero_iterations_is_rtn(block_problem, symmetric):
+    block, linears, inputs, targets, kwargs = block_problem
+    config = LRQConfig(bits=3, group_size=32, iterations=0, symmetric=symmetric)
+    lrq = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
+    for name, linear in linears.items():
+        rtn = quantize_rtn(linear.weight.detach().float(), 3, 32, symmetric)
+        assert torch.equal(lrq[name].ints(), rtn.ints())
+        assert torch.equal(lrq[name].scales, rtn.scales) and torch.equal(lrq[name].zeros(), rtn.zeros())
+        assert lrq[name].symmetric == symmetric
+
+
+def test_folded_weight_is_what_training_evaluated(block_problem):
+    """The packed weight dequantizes bit for bit to W_hat of the learned parameters after training."""
+    block, linears, inputs, targets, kwargs = block_problem
+    config = LRQConfig(bits=3, group_size=32, iterations=30)
+    quantizers = train_lrq_block(block, linears, inputs, targets, kwargs, config)
+    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
+    for name, linear in linears.items():
+        weight = linear.weight.detach().float()
+        q = quantizers[name]
+        assert q.L.abs().sum() > 0  # training moved S2 away from RTN
+        with torch.no_grad():
+            evaluated = q.weight(weight)
+        assert torch.equal(q.fold(weight).dequantize(), evaluated)
+        assert torch.equal(packed[name].dequantize(), evaluated)  # and the training is deterministic
+
+
+def test_lrq_weight_matches_make_quantized_for_any_parameters():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 64, generator=g)
+    for bits, group_size, symmetric in [(2, 16, False), (3, 32, True), (4, 64, False), (8, 16, False)]:
+        scales, zero = find_params(weight, bits, group_size, symmetric)
+        s1 = (scales * torch.exp(0.2 * torch.randn(scales.shape, generator=g))).half().float()
+        L, U = 0.3 * torch.randn(24, 5, generator=g), torch.randn(5, 64, generator=g)
+        r, c = 0.1 * torch.randn(24, 1, generator=g), 0.1 * torch.randn(1, 64, generator=g)
+        ints = lrq_rounded(weight, s1, zero, L, U, r, c, bits, group_size).to(torch.int32)
+        packed = make_quantized(ints, s1, zero, bits, symmetric)
+        assert ints.min() >= 0 and ints.max() <= 2**bits - 1 and torch.equal(packed.ints(), ints)
+        assert torch.equal(packed.dequantize(), lrq_weight(weight, s1, zero, L, U, r, c, bits, group_size))
+        # S2 = 0 is round-to-nearest on the same grid
+        zeros_like = [torch.zeros_like(t) for t in (L, U, r, c)]
+        assert torch.equal(lrq_rounded(weight, scales, zero, *zeros_like, bits, group_size).to(torch.int32),
+                           quantize_ints(weight, scales, zero, bits))
+
+
+def test_gradients_reach_every_parameter():
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    q = LRQParams(weight, bits=3, group_size=16, symmetric=False, rank=4, generator=torch.Generator().manual_seed(0))
+    q.L.data.normal_()  # away from L = 0, where U gets no gradient
+    (q.weight(weight) * torch.randn(8, 32)).sum().backward()
+    for name, p in q.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_ints_on_grid_and_block_unchanged(block_problem, bits):
+    block, linears, inputs, targets, kwargs = block_problem
+    before = {name: p.detach().clone() for name, p in block.named_parameters()}
+    config = LRQConfig(bits=bits, group_size=32, iterations=20, rank=64)
+    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
+    for name, p in block.named_parameters():
+        assert torch.equal(p, before[name]) and p.grad is None and p.requires_grad, name
+    for name, linear in linears.items():
+        ints = packed[name].ints()
+        assert ints.shape == linear.weight.shape and ints.min() >= 0 and ints.max() <= 2**bits - 1
+        assert packed[name].group_size == 32 and packed[name].scales.dtype == torch.float16
+        zeros = packed[name].zeros()
+        assert zeros.min() >= 0 and zeros.max() <= 2**bits - 1
+
+
+def test_group_size_resolved_per_linear(block_problem):
+    block, linears, inputs, targets, kwargs = block_problem
+    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, LRQConfig(bits=4, group_size=48, iterations=2))
+    for name, linear in linears.items():  # 48 divides neither 64 nor 128: the largest divisor below it, 32
+        assert packed[name].group_size == 32
+    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, LRQConfig(bits=4, group_size=0, iterations=2))
+    assert all(q.scales.shape[1] == 1 for q in packed.values())
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        LRQConfig(bits=5, group_size=32)
+    with pytest.raises(ValueError):
+        LRQConfig(bits=4, group_size=32, batch_size=0)
