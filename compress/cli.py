@@ -17,7 +17,7 @@ from compress.errors import CompressError
 from compress.recipe import ALLOCATORS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Compensate, Factorize, Quantize, Recipe
 
 RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "group_size", "sym", "act_order",
-                "static_groups", "damp", "compensate", "compensate_rank", "compensate_bits", "calib", "nsamples", "seqlen", "seed")
+                "static_groups", "damp", "iterations", "compensate", "compensate_rank", "compensate_bits", "calib", "nsamples", "seqlen", "seed")
 
 
 def compress_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing Hessian diagonal")
     group.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weight")
     group.add_argument("--damp", type=float, help="GPTQ: damping, fraction of the mean Hessian diagonal (default 0.01)")
+    group.add_argument("--iterations", type=int, help="learned quantizers (lrq): optimisation steps per block (default 200)")
     group.add_argument("--compensate", choices=("lorc", "eora"), help="add a low-rank compensation of the quantization error")
     group.add_argument("--compensate-rank", type=int, help="rank of the compensation (default 64)")
     group.add_argument("--compensate-bits", type=int, help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
@@ -66,14 +67,17 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         factorize = Factorize(method=method, rank_budget=args.rank_budget,
                               allocate=args.allocate or ("lorap" if method == "lorap" else "uniform"))
     quantize = None
-    quantize_flags = (args.quantize, args.group_size, args.sym, args.act_order, args.static_groups, args.damp)
+    quantize_flags = (args.quantize, args.group_size, args.sym, args.act_order, args.static_groups, args.damp,
+                      args.iterations)
     if args.wbits is not None or any(flag is not None for flag in quantize_flags):
         if args.wbits is None:
-            raise CompressError("--quantize / --group-size / --sym / --act-order / --static-groups / --damp need --wbits")
+            raise CompressError("--quantize / --group-size / --sym / --act-order / --static-groups / --damp / --iterations "
+                                "need --wbits")
         quantize = Quantize(method=args.quantize or "rtn", bits=args.wbits,
                             group_size=128 if args.group_size is None else args.group_size, symmetric=bool(args.sym),
                             act_order=bool(args.act_order), static_groups=bool(args.static_groups),
-                            damp=0.01 if args.damp is None else args.damp)
+                            damp=0.01 if args.damp is None else args.damp,
+                            iterations=200 if args.iterations is None else args.iterations)
     compensate = None
     if args.compensate or args.compensate_rank is not None or args.compensate_bits is not None:
         compensate = Compensate(method=args.compensate or "eora", rank=args.compensate_rank or 64,

@@ -24,6 +24,7 @@ from compress.linalg import LowRank, output_error
 from compress.models import DEMO_DIR, load_model
 from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
 from compress.quantize.gptq import quantize_gptq
+from compress.quantize.lrq import LRQConfig, quantize_block_lrq
 from compress.quantize.rtn import quantize_rtn
 from compress.recipe import Compensate, Factorize, Quantize, Recipe
 from kernels.grid import QuantizedWeight, resolve_group_size
@@ -85,9 +86,12 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         if pruned:  # LoRAP removes the same share of MLP channels in every block
             kept = prune_mlp(weights, grams, pruned, 1 - recipe.factorize.rank_budget)
             model.config.intermediate_size = kept
+        learned = {}  # LRQ learns the block's quantized weights from its two streams at once
+        if recipe.quantize and recipe.quantize.method == "lrq":
+            learned = quantize_block_lrq(block, targets[index], hidden, fp_hidden, block_kwargs, lrq_config(recipe.quantize))
         for name, linear in targets[index].items():
             bias = None if linear.bias is None else linear.bias.detach().clone()
-            given = None if bases is None else bases[name]
+            given = learned.get(name) if bases is None else bases[name]
             layer, layers[name] = compress_linear(name, weights[name], bias, grams[name], stats[name].cross,
                                                   plan.ranks.get(name), recipe, notes, given)
             layers[name]["shape"] = list(linear.weight.shape)
@@ -193,9 +197,9 @@ def calibration_ids(model: nn.Module, tokenizer, recipe: Recipe, calib) -> torch
 
 def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
                     cross: torch.Tensor | None, rank: int | None, recipe: Recipe, notes: list[str],
-                    given_base: torch.Tensor | None = None) -> tuple[CompressedLinear, dict]:
-    """Factorize (rank given) and/or quantize one weight (out, in), or take a given quantized base, then compensate;
-    returns the layer and its report entry."""
+                    given_base: torch.Tensor | QuantizedWeight | None = None) -> tuple[CompressedLinear, dict]:
+    """Factorize (rank given) and/or quantize one weight (out, in), or take a given base (someone else's dequantized
+    weight, or one a block-level quantizer learned), then compensate; returns the layer and its report entry."""
     info: dict = {}
     base = up = down = None
     if recipe.factorize and rank is not None:
@@ -206,7 +210,9 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
         base = weight if given_base is None else given_base
     if recipe.quantize:
         quantized = {}
-        if base is not None:
+        if isinstance(given_base, QuantizedWeight):
+            quantized["base"] = given_base
+        elif base is not None:
             quantized["base"] = quantize(base, gram, recipe.quantize, f"{name}.base", notes)
         else:  # the factor `up` sees the input `down @ x`, whose Gram is down G down^T (down as quantized)
             quantized["down"] = quantize(down, gram, recipe.quantize, f"{name}.down", notes)
@@ -229,6 +235,11 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     return layer, info
 
 
+def lrq_config(stage: Quantize) -> LRQConfig:
+    return LRQConfig(bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric, rank=stage.rank or 16,
+                     iterations=stage.iterations, lr=stage.lr, seed=stage.seed)
+
+
 def compensate(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, stage: Compensate,
                quantizer: Quantize | None):
     """Low-rank factors (up, down) of the error weight - approx; quantized per output channel when asked."""
@@ -237,8 +248,8 @@ def compensate(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, s
     lowrank = factorize_svd(error, rank) if stage.method == "lorc" else factorize_eora(error, gram, rank)
     if stage.factor_bits is None:
         return lowrank.up, lowrank.down
-    per_channel = Quantize(method=quantizer.method if quantizer else "rtn", bits=stage.factor_bits, group_size=0,
-                           symmetric=False)
+    per_channel = Quantize(method="gptq" if quantizer and quantizer.method == "gptq" else "rtn", bits=stage.factor_bits,
+                           group_size=0, symmetric=False)
     down = quantize(lowrank.down, gram, per_channel, "down", [])
     down_q = down.dequantize(torch.float64)
     return quantize(lowrank.up, down_q @ gram.double() @ down_q.T, per_channel, "up", []), down

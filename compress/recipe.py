@@ -12,7 +12,7 @@ from compress.errors import CompressError
 
 FACTORIZE_METHODS = ("svd", "svd-llm", "saes-svd", "eora", "lorap")
 ALLOCATORS = ("uniform", "welore", "lorap")
-QUANTIZE_METHODS = ("rtn", "gptq")
+QUANTIZE_METHODS = ("rtn", "gptq", "lrq")
 BITS = (2, 3, 4, 8)
 
 
@@ -55,6 +55,8 @@ class Quantize:
     the largest divisor below it, and the report says so. GPTQ only: act_order (columns in order of
     decreasing Hessian diagonal), static_groups (group scales fixed on the original weight), damp
     (fraction of the mean Hessian diagonal added to it; raised automatically when Cholesky fails).
+    LRQ only (learned per block on calibration data): rank of the low-rank weight-scaling matrix (None: 16),
+    iterations, lr (Adam, cosine to 0) and seed; scaled down from the paper's 5000 iterations and rank 1024.
     """
 
     method: str = "rtn"
@@ -64,6 +66,10 @@ class Quantize:
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
+    rank: int | None = None
+    iterations: int = 200
+    lr: float = 1e-3
+    seed: int = 0
 
     def __post_init__(self):
         _choice("quantize method", self.method, QUANTIZE_METHODS)
@@ -73,8 +79,10 @@ class Quantize:
             raise CompressError(f"group size must be >= 0 (0: one group per row), got {self.group_size}")
         if not 0 <= self.damp <= 1:
             raise CompressError(f"damp must be in [0, 1], got {self.damp}")
-        if self.method == "rtn" and (self.act_order or self.static_groups):
+        if self.method != "gptq" and (self.act_order or self.static_groups):
             raise CompressError("act-order and static groups are GPTQ options (--quantize gptq)")
+        if self.iterations < 0 or self.lr <= 0 or (self.rank is not None and self.rank < 1):
+            raise CompressError("iterations must be >= 0, lr > 0 and rank >= 1")
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ class Recipe:
             raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
         if self.compensate is not None and self.factorize is not None:
             raise CompressError("compensation corrects a quantized weight: use it with --wbits and without --rank-budget")
+        if self.factorize is not None and self.quantize is not None and self.quantize.method == "lrq":
+            raise CompressError("lrq learns quantized weights of a whole block: use it without --rank-budget")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

@@ -193,3 +193,13 @@ def test_compensation_reduces_the_quantization_error_and_eora_beats_lorc(tiny_mo
     layer = result.model.model.layers[0].self_attn.q_proj
     assert layer.base is not None and layer.rank == 8
     assert errors["eora"] < errors["lorc"] < errors[None], errors
+
+
+def test_lrq_runs_in_the_pipeline_and_beats_rtn_on_block_outputs(tiny_model_dir):
+    ids = torch.randint(0, 4000, (8, 32), generator=torch.Generator().manual_seed(5))
+    errors = {}
+    for method in ("rtn", "lrq"):
+        recipe = Recipe(quantize=Quantize(method, 3, 32, iterations=60 if method == "lrq" else 200))
+        result = compress_model(str(tiny_model_dir), recipe, calib=ids, progress=False)
+        errors[method] = result.report["block_output_error"][-1]
+    assert errors["lrq"] < errors["rtn"], errors
