@@ -23,6 +23,7 @@ from compress.layer import CompressedLinear
 from compress.linalg import LowRank, output_error
 from compress.models import DEMO_DIR, load_model
 from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
+from compress.quantize.cbq import CBQConfig, quantize_window_cbq, windows
 from compress.quantize.gptq import quantize_gptq
 from compress.quantize.lrq import LRQConfig, quantize_block_lrq
 from compress.quantize.rtn import quantize_rtn
@@ -78,6 +79,11 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     hidden, block_kwargs = capture_block_inputs(model, blocks[0], input_ids)
     fp_hidden = hidden  # the full-precision stream, beside the compressed one
     layers, block_errors, notes = {}, [], []
+    learning = recipe.quantize.method if recipe.quantize and recipe.quantize.method in ("lrq", "cbq") else None
+    if learning == "cbq":
+        cbq = cbq_config(recipe.quantize)
+        window_at = {window.start: window for window in windows(len(blocks), cbq.window, cbq.overlap)}
+    pending: dict[int, dict[str, QuantizedWeight]] = {}  # CBQ: blocks learnt in a window, not yet replaced
     for index, block in enumerate(tqdm(blocks, desc="compressing", unit="block", disable=not progress)):
         stats, fp_hidden = paired_statistics(block, targets[index], hidden, fp_hidden, block_kwargs, cross=cross)
         weights = {name: linear.weight.detach().float() for name, linear in targets[index].items()}
@@ -86,9 +92,13 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         if pruned:  # LoRAP removes the same share of MLP channels in every block
             kept = prune_mlp(weights, grams, pruned, 1 - recipe.factorize.rank_budget)
             model.config.intermediate_size = kept
-        learned = {}  # LRQ learns the block's quantized weights from its two streams at once
-        if recipe.quantize and recipe.quantize.method == "lrq":
-            learned = quantize_block_lrq(block, targets[index], hidden, fp_hidden, block_kwargs, lrq_config(recipe.quantize))
+        # LRQ and CBQ learn the quantized weights of a block (CBQ: of a window of blocks) from both streams at once
+        if learning == "lrq":
+            pending[index] = quantize_block_lrq(block, targets[index], hidden, fp_hidden, block_kwargs,
+                                                lrq_config(recipe.quantize))
+        elif learning == "cbq" and index in window_at:
+            pending.update(learn_cbq_window(blocks, targets, window_at[index], hidden, fp_hidden, block_kwargs, cbq))
+        learned = pending.pop(index, {})
         for name, linear in targets[index].items():
             bias = None if linear.bias is None else linear.bias.detach().clone()
             given = learned.get(name) if bases is None else bases[name]
@@ -233,6 +243,23 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     layer = CompressedLinear.from_parts(base, up, down, bias)
     info["relative_error"] = output_error(weight, layer.weight_approx(), gram)
     return layer, info
+
+
+def learn_cbq_window(blocks: nn.ModuleList, targets: list[dict[str, nn.Linear]], window: range, hidden: torch.Tensor,
+                     fp_out: torch.Tensor, block_kwargs: dict, config: CBQConfig) -> dict[int, dict[str, QuantizedWeight]]:
+    """CBQ on the window that starts at the current block: `hidden` is its compressed-stream input, `fp_out` the
+    full-precision output of its first block (the later ones are still uncompressed and run here)."""
+    fp_target = fp_out
+    for index in window[1:]:
+        fp_target = run_block(blocks[index], fp_target, block_kwargs)
+    results = quantize_window_cbq([blocks[i] for i in window], [targets[i] for i in window], hidden, fp_target,
+                                  block_kwargs, config)
+    return dict(zip(window, results))
+
+
+def cbq_config(stage: Quantize) -> CBQConfig:
+    return CBQConfig(bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric, rank=stage.rank or 5,
+                     iterations=stage.iterations, lr=stage.lr, window=stage.window, overlap=stage.overlap, seed=stage.seed)
 
 
 def lrq_config(stage: Quantize) -> LRQConfig:

@@ -12,7 +12,7 @@ from compress.errors import CompressError
 
 FACTORIZE_METHODS = ("svd", "svd-llm", "saes-svd", "eora", "lorap")
 ALLOCATORS = ("uniform", "welore", "lorap")
-QUANTIZE_METHODS = ("rtn", "gptq", "lrq")
+QUANTIZE_METHODS = ("rtn", "gptq", "lrq", "cbq")
 BITS = (2, 3, 4, 8)
 
 
@@ -55,8 +55,9 @@ class Quantize:
     the largest divisor below it, and the report says so. GPTQ only: act_order (columns in order of
     decreasing Hessian diagonal), static_groups (group scales fixed on the original weight), damp
     (fraction of the mean Hessian diagonal added to it; raised automatically when Cholesky fails).
-    LRQ only (learned per block on calibration data): rank of the low-rank weight-scaling matrix (None: 16),
-    iterations, lr (Adam, cosine to 0) and seed; scaled down from the paper's 5000 iterations and rank 1024.
+    LRQ and CBQ (learned on calibration data): rank of the low-rank matrices (LRQ's weight scaling, None: 16,
+    scaled down from the paper's 1024; CBQ's LoRA-Rounding, None: 5, not from the paper), iterations, lr, seed.
+    CBQ only: windows of `window` blocks overlapping by `overlap` (2 and 1, the methods card's reading).
     """
 
     method: str = "rtn"
@@ -70,6 +71,8 @@ class Quantize:
     iterations: int = 200
     lr: float = 1e-3
     seed: int = 0
+    window: int = 2
+    overlap: int = 1
 
     def __post_init__(self):
         _choice("quantize method", self.method, QUANTIZE_METHODS)
@@ -83,6 +86,8 @@ class Quantize:
             raise CompressError("act-order and static groups are GPTQ options (--quantize gptq)")
         if self.iterations < 0 or self.lr <= 0 or (self.rank is not None and self.rank < 1):
             raise CompressError("iterations must be >= 0, lr > 0 and rank >= 1")
+        if not 0 <= self.overlap < self.window:
+            raise CompressError(f"CBQ needs 0 <= overlap < window, got window {self.window}, overlap {self.overlap}")
 
 
 @dataclass(frozen=True)
@@ -148,8 +153,9 @@ class Recipe:
             raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
         if self.compensate is not None and self.factorize is not None:
             raise CompressError("compensation corrects a quantized weight: use it with --wbits and without --rank-budget")
-        if self.factorize is not None and self.quantize is not None and self.quantize.method == "lrq":
-            raise CompressError("lrq learns quantized weights of a whole block: use it without --rank-budget")
+        if self.factorize is not None and self.quantize is not None and self.quantize.method in ("lrq", "cbq"):
+            raise CompressError(f"{self.quantize.method} learns the quantized weights of whole blocks: "
+                                "use it without --rank-budget")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

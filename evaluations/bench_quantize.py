@@ -32,12 +32,12 @@ def run(recipe: Recipe, eval_ids: torch.Tensor) -> dict:
             "perplexity": perplexity(result.model, eval_ids, model.config.max_position_embeddings, progress=False)}
 
 
-def recipes(methods, widths, ranks, nsamples):
+def recipes(methods, widths, ranks, nsamples, iterations):
     """(label, series, recipe) for every configuration of the benchmark."""
     calibration = Calibration(nsamples=nsamples)
     for method in methods:
         for bits, group_size in widths:
-            quantize = Quantize(method, bits, group_size)
+            quantize = Quantize(method, bits, group_size, iterations=iterations)
             series = f"{method}"
             yield f"{method} w{bits}g{group_size}", series, Recipe(quantize=quantize, calibration=calibration)
             for compensation in ("lorc", "eora"):
@@ -45,8 +45,9 @@ def recipes(methods, widths, ranks, nsamples):
                     yield (f"{method} w{bits}g{group_size} + {compensation}{rank}", f"{method} + {compensation}{rank}",
                            Recipe(quantize=quantize, compensate=Compensate(compensation, rank), calibration=calibration))
     for method in methods:
-        yield (f"svd-llm r0.5 + {method} w4g128", "low rank then quantize",
-               Recipe(factorize=Factorize("svd-llm", 0.5), quantize=Quantize(method, 4, 128), calibration=calibration))
+        if method in ("rtn", "gptq"):  # the learned quantizers work on whole blocks, not on factors
+            yield (f"svd-llm r0.5 + {method} w4g128", "low rank then quantize",
+                   Recipe(factorize=Factorize("svd-llm", 0.5), quantize=Quantize(method, 4, 128), calibration=calibration))
 
 
 def main() -> None:
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--widths", nargs="+", default=[f"{b}:{g}" for b, g in WIDTHS], help="bits:group_size")
     parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=100, help="LRQ / CBQ optimisation steps per block or window")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens scored (0: all)")
     parser.add_argument("--out", type=Path, default=Path("bench_quantize"))
     args = parser.parse_args()
@@ -67,10 +69,10 @@ def main() -> None:
              "perplexity": perplexity(model, eval_ids, model.config.max_position_embeddings, progress=False)}]
     print(header())
     print(format_row(rows[0]), flush=True)
-    for label, series, recipe in recipes(args.methods, widths, args.ranks, args.nsamples):
+    for label, series, recipe in recipes(args.methods, widths, args.ranks, args.nsamples, args.iterations):
         rows.append({"method": label, "series": series, **run(recipe, eval_ids)})
         print(format_row(rows[-1]), flush=True)
-    write_results({"table": rows, "eval_tokens": len(eval_ids), "nsamples": args.nsamples,
+    write_results({"table": rows, "eval_tokens": len(eval_ids), "nsamples": args.nsamples, "iterations": args.iterations,
                    "threads": torch.get_num_threads()}, args.out)
     plot_pareto(rows, args.out / "perplexity_vs_bits.png", "series", "demo model: quantization and compensation")
     print("\n" + table(rows))

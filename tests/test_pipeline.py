@@ -195,11 +195,12 @@ def test_compensation_reduces_the_quantization_error_and_eora_beats_lorc(tiny_mo
     assert errors["eora"] < errors["lorc"] < errors[None], errors
 
 
-def test_lrq_runs_in_the_pipeline_and_beats_rtn_on_block_outputs(tiny_model_dir):
+def test_learned_quantizers_run_in_the_pipeline_and_beat_rtn_on_the_model_output(tiny_model_dir):
     ids = torch.randint(0, 4000, (8, 32), generator=torch.Generator().manual_seed(5))
     errors = {}
-    for method in ("rtn", "lrq"):
-        recipe = Recipe(quantize=Quantize(method, 3, 32, iterations=60 if method == "lrq" else 200))
+    for method in ("rtn", "lrq", "cbq"):
+        recipe = Recipe(quantize=Quantize(method, 3, 32, iterations=60))
         result = compress_model(str(tiny_model_dir), recipe, calib=ids, progress=False)
         errors[method] = result.report["block_output_error"][-1]
-    assert errors["lrq"] < errors["rtn"], errors
+        assert all(e["bits"] == 3 for e in result.report["layers"].values())
+    assert errors["lrq"] < errors["rtn"] and errors["cbq"] < errors["rtn"], errors
