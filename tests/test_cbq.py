@@ -37,15 +37,6 @@ class Window:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Training steps on tiny matrices are far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def window(one_thread) -> Window:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
