@@ -158,11 +158,16 @@ def allocate(stage: Factorize, targets: list[dict[str, nn.Linear]], shapes: dict
 
 
 def prune_mlp(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], names: list[str], fraction: float) -> int:
-    """LoRAP's structured pruning of one MLP, in place on `weights` and `grams`; returns the channels kept."""
+    """LoRAP's structured pruning of one MLP, in place on `weights` and `grams`; returns the channels kept.
+
+    The kept count is rounded down to a multiple of 32, so that quantization groups still divide down_proj's
+    input (a prime width would leave groups of one column)."""
     gate, up, down = (next(n for n in names if n.endswith(leaf)) for leaf in MLP)
     input_norm, inter_norm = (grams[n].diagonal().clamp(min=0).sqrt().float() for n in (gate, down))
     scores = channel_scores(weights[gate], weights[up], weights[down], input_norm, inter_norm)
-    keep = channels_to_keep(scores, fraction)
+    channels = len(scores)
+    kept = max(32, int(channels * (1 - fraction)) // 32 * 32) if channels >= 64 else channels - int(channels * fraction)
+    keep = channels_to_keep(scores, (channels - kept) / channels)
     weights[gate], weights[up], weights[down] = prune_mlp_weights(weights[gate], weights[up], weights[down], keep)
     grams[down] = grams[down][keep][:, keep]
     return len(keep)

@@ -103,7 +103,7 @@ def main() -> None:
               "threads": torch.get_num_threads()}
     write_results(result, args.out)
     for row in rows:
-        row["series"] = f"{row['method']} / {row['allocate']}"
+        row["series"] = f"{row['method']} / {row['allocate']}" + (f" / w{row['wbits']}" if row["wbits"] < 16 else "")
     plot_pareto(rows, args.out / "perplexity_vs_bits.png", "series", "demo model: factorizations")
     print("\n" + table(rows, COLUMNS))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'perplexity_vs_bits.png'}")
