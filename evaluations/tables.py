@@ -34,17 +34,19 @@ def plot_pareto(rows: list[dict], path: Path, series: str, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for label in dict.fromkeys(r[series] for r in rows if r["method"] != "original"):
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    labels = list(dict.fromkeys(r[series] for r in rows if r["method"] != "original"))
+    colors = plt.get_cmap("tab20")(range(20))
+    for i, label in enumerate(labels):
         points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows if r[series] == label)
-        ax.plot(*zip(*points), marker="o", label=label)
+        ax.plot(*zip(*points), marker="osD^v"[i // 20 % 5], color=colors[i % 20], label=label)
     for row in rows:
         if row["method"] == "original":
             ax.axhline(row["perplexity"], color="black", linestyle="--", label="original (16 bit)")
     ax.set_xlabel("bits per weight (compressed layers, all stored bits)")
     ax.set_ylabel("perplexity (demo held-out)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
