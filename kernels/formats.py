@@ -40,6 +40,8 @@ from typing import Literal
 
 import torch
 
+from kernels import grid
+
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 WORD = 32
@@ -48,11 +50,6 @@ _MASK32 = 0xFFFFFFFF
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bit packing along the last dim, shared by both formats.
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Unsigned 32-bit words held in int64 -> the same bits as int32."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
 
 def _pack_last(values: torch.Tensor, bits: int, dense: bool = True) -> torch.Tensor:
     """(rows, n) ints in [0, 2**bits) -> (rows, words) int32, packed along the last dim from bit 0 of word 0.
@@ -69,16 +66,8 @@ def _pack_last(values: torch.Tensor, bits: int, dense: bool = True) -> torch.Ten
         words = -(-n // per_word)
         v = torch.nn.functional.pad(v, (0, words * per_word - n)).reshape(rows, words, per_word)
         shifts = torch.arange(per_word, device=v.device) * bits
-        return _to_int32((v << shifts).sum(-1))
-    blocks = -(-n // WORD)
-    v = torch.nn.functional.pad(v, (0, blocks * WORD - n)).reshape(rows, blocks, WORD)
-    out = torch.zeros(rows, blocks, bits, dtype=torch.int64, device=v.device)
-    for k in range(WORD):
-        word, shift = divmod(k * bits, WORD)
-        out[:, :, word] |= (v[:, :, k] << shift) & _MASK32
-        if shift + bits > WORD:  # the value's high bits spill into the next word
-            out[:, :, word + 1] |= v[:, :, k] >> (WORD - shift)
-    return _to_int32(out.reshape(rows, blocks * bits)[:, : -(-n * bits // WORD)])
+        return grid.to_int32((v << shifts).sum(-1))
+    return grid.pack(v, bits)[:, : -(-n * bits // WORD)]  # the grid's bitstream, without its padding words
 
 
 def _unpack_last(packed: torch.Tensor, bits: int, n: int, dense: bool = True) -> torch.Tensor:
@@ -94,15 +83,7 @@ def _unpack_last(packed: torch.Tensor, bits: int, n: int, dense: bool = True) ->
         shifts = torch.arange(per_word, device=w.device) * bits
         return ((w.unsqueeze(-1) >> shifts) & mask).reshape(rows, -1)[:, :n].to(torch.int32)
     blocks = -(-n // WORD)
-    w = torch.nn.functional.pad(w, (0, blocks * bits - words)).reshape(rows, blocks, bits)
-    out = torch.empty(rows, blocks, WORD, dtype=torch.int64, device=w.device)
-    for k in range(WORD):
-        word, shift = divmod(k * bits, WORD)
-        value = w[:, :, word] >> shift
-        if shift + bits > WORD:
-            value = value | (w[:, :, word + 1] << (WORD - shift))
-        out[:, :, k] = value & mask
-    return out.reshape(rows, blocks * WORD)[:, :n].to(torch.int32)
+    return grid.unpack(torch.nn.functional.pad(packed, (0, blocks * bits - words)), bits, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -68,8 +68,12 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     values = torch.nn.functional.pad(values.to(torch.int64), (0, padded - cols))
     shifts = torch.arange(bits, device=values.device)
     bitstream = ((values.unsqueeze(-1) >> shifts) & 1).reshape(rows, padded * bits // WORD, WORD)
-    words = (bitstream << torch.arange(WORD, device=values.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, as int32
+    return to_int32((bitstream << torch.arange(WORD, device=values.device)).sum(-1))
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64 -> the same 32 bits as int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
