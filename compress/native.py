@@ -110,6 +110,9 @@ def read_compression_config(path: str | Path) -> dict:
                             f"this version of compress reads version {FORMAT_VERSION}")
     if not isinstance(config.get("files"), dict) or not isinstance(config.get("layers"), dict):
         raise CompressError(f"{path / CONFIG} is corrupt: 'files' or 'layers' is missing")
+    for name, meta in config["files"].items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
+            raise CompressError(f"{path / CONFIG} is corrupt: the entry for {name} needs 'bytes' and 'sha256'")
     return config
 
 

@@ -1,0 +1,68 @@
+"""Fuzz the native loader: corrupted configs and tensor files must raise CompressError, never anything else."""
+import json
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from compress import CompressError, Quantize, Recipe, compress_model, load_compressed, save_compressed
+from compress.recipe import Calibration
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+                           lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+                           max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model_dir, tmp_path_factory):
+    result = compress_model(str(tiny_model_dir), Recipe(quantize=Quantize(bits=4, group_size=32),
+                                                        calibration=Calibration(nsamples=2, seqlen=16)), progress=False)
+    return save_compressed(result, tmp_path_factory.mktemp("fuzz") / "out")
+
+
+def paths_of(node, prefix=()):
+    """Every (path, value) in a JSON tree."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from paths_of(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from paths_of(value, prefix + (index,))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_config_raises_compress_error(saved, tmp_path_factory, data):
+    copy = shutil.copytree(saved, tmp_path_factory.mktemp("case") / "copy")
+    config = json.loads((copy / "compression_config.json").read_text())
+    # Pick a top-level key first, so that the small 'files' and 'format' entries are hit as often as 'layers'.
+    top = data.draw(st.sampled_from(sorted(config)))
+    path = data.draw(st.sampled_from([path for path, _ in paths_of(config) if path and path[0] == top]))
+    parent = config
+    for key in path[:-1]:
+        parent = parent[key]
+    if data.draw(st.booleans()):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = data.draw(JSON_VALUES)
+    (copy / "compression_config.json").write_text(json.dumps(config))
+    try:
+        load_compressed(copy)
+    except CompressError:
+        pass
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.floats(0, 1, exclude_max=True), flip=st.integers(1, 255), truncate=st.booleans())
+def test_corrupted_tensor_file_is_refused(saved, tmp_path_factory, offset, flip, truncate):
+    copy = shutil.copytree(saved, tmp_path_factory.mktemp("case") / "copy")
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    position = int(offset * len(data))
+    if truncate:
+        data = data[:position]
+    else:
+        data[position] ^= flip
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CompressError):
+        load_compressed(copy)
