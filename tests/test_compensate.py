@@ -108,3 +108,26 @@ def test_compensate_refuses_a_plain_model(capsys, tiny_model_dir, tmp_path):
                  str(tmp_path / "o")])
     assert code == 2 and "not a quantized checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_adapter_loads_in_peft_and_reproduces_the_compensated_layers(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    expected = write_checkpoint(tiny_model_dir, tmp_path / "q", "gptq_v2", act_order=False)
+    out = tmp_path / "out"
+    assert main(["compensate", "--model", str(tmp_path / "q"), "--original", str(tiny_model_dir), "--rank", "8",
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, w_hat in expected.items():  # the base a serving stack dequantizes
+            model.get_submodule(name).weight.copy_(w_hat)
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    peft_model = PeftModel.from_pretrained(model, out / "adapter").eval()
+    for name, w_hat in expected.items():
+        a = adapter[f"base_model.model.{name}.lora_A.weight"].float()
+        b = adapter[f"base_model.model.{name}.lora_B.weight"].float()
+        x = torch.randn(3, w_hat.shape[1])
+        with torch.no_grad():
+            got = peft_model.base_model.model.get_submodule(name)(x)
+        assert torch.allclose(got, x @ (w_hat + b @ a).T, atol=1e-4), (name, (got - x @ (w_hat + b @ a).T).abs().max())
