@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
-from compress.recipe import ALLOCATORS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Compensate, Factorize, Quantize, Recipe
+from compress.recipe import (ALLOCATORS, COMPENSATE_METHODS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Compensate,
+                            Factorize, Quantize, Recipe)
 
 RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "group_size", "sym", "act_order",
                 "static_groups", "damp", "iterations", "compensate", "compensate_rank", "compensate_bits", "calib", "nsamples", "seqlen", "seed")
@@ -39,7 +40,7 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weight")
     group.add_argument("--damp", type=float, help="GPTQ: damping, fraction of the mean Hessian diagonal (default 0.01)")
     group.add_argument("--iterations", type=int, help="learned quantizers (lrq): optimisation steps per block (default 200)")
-    group.add_argument("--compensate", choices=("lorc", "eora"), help="add a low-rank compensation of the quantization error")
+    group.add_argument("--compensate", choices=COMPENSATE_METHODS, help="add a low-rank compensation of the quantization error")
     group.add_argument("--compensate-rank", type=int, help="rank of the compensation (default 64)")
     group.add_argument("--compensate-bits", type=int, help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
     group.add_argument("--calib", help="calibration text: datasets name, or local txt/jsonl/parquet file or folder")
@@ -177,7 +178,7 @@ def run_compensate(argv: list[str]) -> int:
                         help="quantized model directory: GPTQ, compressed-tensors pack-quantized, or this tool's output")
     parser.add_argument("--original", required=True, help="the full-precision model it was quantized from (alias, hub id, dir)")
     parser.add_argument("--rank", type=int, default=64, help="rank of the compensation (default 64)")
-    parser.add_argument("--method", choices=("eora", "lorc"), default="eora", help="eora (default) or lorc")
+    parser.add_argument("--method", choices=COMPENSATE_METHODS, default="eora", help="eora (default) or lorc")
     parser.add_argument("--factor-bits", type=int, help="quantize the factors per output channel (default: fp16)")
     parser.add_argument("--out", type=Path, required=True, help="output: the quantized files unchanged, plus adapter/")
     parser.add_argument("--overwrite", action="store_true")
