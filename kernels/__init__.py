@@ -1,13 +1,56 @@
 """Matmul kernels for the compressed layer `W ~= base + up @ down`, and the one point that picks which runs.
 
-Only the pure-torch reference exists so far; the fused Triton kernels will plug into `lowrank_linear`.
+`lowrank_linear` is that point: CUDA tensors take the Triton kernels (kernels.fused_matmul for prefill,
+kernels.splitk_matmul for decode), CPU tensors the pure-torch reference (kernels.reference).
+COMPRESS_KERNELS=reference forces the reference everywhere (for debugging); COMPRESS_KERNELS=triton forces
+the kernels, which on a CPU needs TRITON_INTERPRET=1 set before they are first used.
 """
+from __future__ import annotations
+
+import os
+
+import torch
+
 from kernels.grid import QuantizedWeight
-from kernels.reference import lowrank_linear_reference
+from kernels.reference import Operand, lowrank_linear_reference
 
-__all__ = ["QuantizedWeight", "lowrank_linear"]
+__all__ = ["QuantizedWeight", "lowrank_linear", "lowrank_linear_triton"]
+
+KERNELS_ENV = "COMPRESS_KERNELS"
+CHOICES = ("auto", "reference", "triton")
 
 
-def lowrank_linear(x, base, up, down, bias=None):
+def use_triton(x: torch.Tensor) -> bool:
+    """The choice of path: COMPRESS_KERNELS when it names one, else Triton exactly for CUDA tensors."""
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(CHOICES)}, got '{choice}'")
+    return choice == "triton" or (choice == "auto" and x.is_cuda)
+
+
+def lowrank_linear(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch point for `x @ (base + up @ down)^T + bias` (see kernels.reference for shapes)."""
+    if use_triton(x):
+        return lowrank_linear_triton(x, base, up, down, bias)
     return lowrank_linear_reference(x, base, up, down, bias)
+
+
+def lowrank_linear_triton(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """lowrank_linear_reference through the Triton kernels: t = x @ down^T once, then base's GEMM with t @ up^T fused in.
+
+    Without a base the two factors run as two chained GEMMs (t, then t @ up^T + bias).
+    """
+    from kernels.fused_matmul import fused_matmul  # imported late: triton.jit reads TRITON_INTERPRET when it decorates
+    from kernels.splitk_matmul import MAX_ROWS, splitk_matmul
+
+    rows = x.reshape(-1, x.shape[-1])
+    decode = rows.shape[0] <= MAX_ROWS
+    matmul = splitk_matmul if decode else fused_matmul
+    if up is None:
+        y = matmul(rows, base, bias=bias)
+    else:
+        t = splitk_matmul(rows, down, out_dtype=torch.float32) if decode else fused_matmul(rows, down)
+        y = matmul(t.to(x.dtype), up, bias=bias) if base is None else matmul(rows, base, t, up, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -30,3 +30,14 @@ def lowrank_linear_reference(x: torch.Tensor, base: Operand, up: Operand, down: 
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y
+
+
+def matmul_reference(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, t: torch.Tensor | None = None,
+                     up: Operand = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight^T (+ t @ up^T) (+ bias) -> (M, N) in x's dtype: what each Triton matmul kernel computes."""
+    y = x @ materialize(weight, x.dtype).T
+    if t is not None:
+        y = y + t.to(x.dtype) @ materialize(up, x.dtype).T
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y

@@ -5,6 +5,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")  # before transformers imports triton
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from compress.models import DEMO_DIR

@@ -1,0 +1,110 @@
+"""The Triton kernels against their pure-torch references (under TRITON_INTERPRET=1 on machines without a GPU).
+
+Tolerance: max |kernel - reference| <= TOLERANCE[dtype] * max |reference|. Both sides round the dequantized
+weight to the activation dtype; they differ in summation order, in where the partial sums are rounded
+(the kernels round once, from fp32), and the interpreter rounds fp32 -> bf16 by truncation. fp32 activations
+make those differences vanish, so the bit-level checks (every width, act-order, zeros) run in fp32.
+"""
+import pytest
+import torch
+
+import kernels
+from compress.layer import CompressedLinear
+from kernels.grid import make_quantized
+from kernels.reference import lowrank_linear_reference, matmul_reference
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2}  # about 3 and 5 epsilons of fp16, bf16
+
+
+def random_quantized(rows: int, cols: int, bits: int, group_size: int, symmetric: bool, act_order: bool,
+                     g: torch.Generator):
+    """A QuantizedWeight with random ints, scales and zeros (and a random column -> group map under act-order)."""
+    groups = cols // group_size
+    ints = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.int32)
+    scales = torch.rand(rows, groups, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 2**bits, (rows, groups), generator=g, dtype=torch.int32)
+    g_idx = torch.randperm(cols, generator=g) // group_size if act_order else None
+    return make_quantized(ints, scales, zeros, bits, symmetric, g_idx)
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    assert y.shape == reference.shape and y.dtype == reference.dtype
+    return ((y.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+
+
+@pytest.mark.parametrize("kernel", ["fused", "splitk"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric, act_order", [(True, False), (False, False), (False, True)])
+def test_matmul_kernels_dequantize_like_the_reference(kernel, bits, symmetric, act_order):
+    from kernels.fused_matmul import fused_matmul
+    from kernels.splitk_matmul import splitk_matmul
+
+    g = torch.Generator().manual_seed(bits)
+    rows, out_features, in_features, rank = (33, 37, 72, 20) if kernel == "fused" else (3, 37, 72, 20)
+    weight = random_quantized(out_features, in_features, bits, 24, symmetric, act_order, g)
+    up = random_quantized(out_features, rank, bits, 10, not symmetric, act_order, g)
+    x, t = torch.randn(rows, in_features, generator=g), torch.randn(rows, rank, generator=g)
+    bias = torch.randn(out_features, generator=g)
+    matmul = fused_matmul if kernel == "fused" else splitk_matmul
+    assert relative_error(matmul(x, weight, t, up, bias), matmul_reference(x, weight, t, up, bias)) <= TOLERANCE[torch.float32]
+    assert relative_error(matmul(x, weight), matmul_reference(x, weight)) <= TOLERANCE[torch.float32]
+
+
+def layer_parts(case: str, g: torch.Generator):
+    """(base, up, down) of an (out=37, in=72) layer: quantized, dense or absent as `case` says."""
+    out_features, in_features = 37, 72
+    if case == "quantized base, rank 0":
+        return random_quantized(out_features, in_features, 4, 24, False, False, g), None, None
+    if case == "quantized base + dense factors":
+        return (random_quantized(out_features, in_features, 4, 8, True, False, g),
+                torch.randn(out_features, 5, generator=g) * 0.1, torch.randn(5, in_features, generator=g) * 0.1)
+    if case == "act-order base + quantized factors":
+        return (random_quantized(out_features, in_features, 3, 24, False, True, g),
+                random_quantized(out_features, 20, 4, 20, True, False, g), random_quantized(20, in_features, 8, 72, False, False, g))
+    if case == "quantized factors only":
+        return (None, random_quantized(out_features, 6, 4, 6, False, False, g),
+                random_quantized(6, in_features, 4, 24, False, False, g))
+    raise ValueError(case)
+
+
+CASES = ["quantized base, rank 0", "quantized base + dense factors", "act-order base + quantized factors",
+         "quantized factors only"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch", [(1,), (3, 11)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lowrank_linear_through_the_kernels(triton_path, case, batch, dtype):
+    g = torch.Generator().manual_seed(len(case))
+    base, up, down = layer_parts(case, g)
+    x = torch.randn(*batch, 72, generator=g).to(dtype)
+    bias = torch.randn(37, generator=g) if "factors" in case else None
+    y = kernels.lowrank_linear(x, base, up, down, bias)
+    assert y.shape == (*batch, 37)
+    assert relative_error(y, lowrank_linear_reference(x, base, up, down, bias)) <= TOLERANCE[dtype]
+
+
+def test_compressed_linear_forward_is_the_same_on_both_paths(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    layer = CompressedLinear.from_parts(*layer_parts("act-order base + quantized factors", g), torch.randn(37, generator=g))
+    x = torch.randn(2, 9, 72, generator=g).half()
+    monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
+    reference = layer(x)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    assert relative_error(layer(x), reference) <= TOLERANCE[torch.float16]
+
+
+def test_dispatch_picks_the_reference_for_cpu_tensors_unless_told(monkeypatch):
+    x = torch.zeros(1, 4)
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    assert not kernels.use_triton(x)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    assert kernels.use_triton(x)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "cuda")
+    with pytest.raises(ValueError, match="COMPRESS_KERNELS"):
+        kernels.use_triton(x)
