@@ -42,9 +42,14 @@ def paired_statistics(block: nn.Module, linears: dict[str, nn.Module], hidden: t
                       block_kwargs: dict, cross: bool = False, batch_size: int = 8) -> tuple[dict[str, GramAccumulator], torch.Tensor]:
     """Run the still-uncompressed block on both streams, batch by batch, and return the input statistics of its
     linears in the compressed stream (with their cross term against the full-precision stream when `cross`),
-    and the full-precision stream's outputs."""
-    stats = {name: GramAccumulator(layer.in_features, cross) for name, layer in linears.items()}
+    and the full-precision stream's outputs.
+
+    Linears that read the very same tensor (q/k/v, gate/up) share one accumulator: same Gram, a third of the memory.
+    The streams may live elsewhere (CPU, half precision) than the block: each batch visits the block's device."""
+    device = block_device(block)
+    stats = {name: GramAccumulator(layer.in_features, cross, device) for name, layer in linears.items()}
     fp_inputs: dict[str, torch.Tensor] = {}
+    seen: list[tuple[torch.Tensor, str]] = []  # this batch's inputs; kept alive so that `is` cannot match a reused one
     phase = {"fp": True}
 
     def hook(name):
@@ -52,8 +57,14 @@ def paired_statistics(block: nn.Module, linears: dict[str, nn.Module], hidden: t
             if phase["fp"]:
                 if cross:
                     fp_inputs[name] = args[0]
+                return
+            x_fp = fp_inputs.pop(name, None)
+            owner = next((first for tensor, first in seen if tensor is args[0]), None)
+            if owner is None:
+                seen.append((args[0], name))
+                stats[name].add(args[0], x_fp)
             else:
-                stats[name].add(args[0], fp_inputs.pop(name, None))
+                stats[name] = stats[owner]
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in linears.items()]
@@ -61,13 +72,32 @@ def paired_statistics(block: nn.Module, linears: dict[str, nn.Module], hidden: t
     try:
         for start in range(0, len(hidden), batch_size):
             phase["fp"] = True
-            fp_outputs.append(_first(block(fp_hidden[start: start + batch_size], **block_kwargs)))
+            fp_outputs.append(_through(block, fp_hidden[start: start + batch_size], block_kwargs))
             phase["fp"] = False
-            block(hidden[start: start + batch_size], **block_kwargs)
+            seen.clear()
+            _through(block, hidden[start: start + batch_size], block_kwargs)
+            seen.clear()
     finally:
         for handle in handles:
             handle.remove()
     return stats, torch.cat(fp_outputs)
+
+
+def block_parameter(block: nn.Module) -> torch.Tensor:
+    """A floating parameter of the block: where and in which dtype it computes."""
+    return next(p for p in block.parameters() if p.is_floating_point())
+
+
+def block_device(block: nn.Module) -> torch.device:
+    return block_parameter(block).device
+
+
+def _through(block: nn.Module, batch: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
+    """The block's output for one batch of windows, computed on the block's device and dtype, returned where and
+    in the dtype the batch came."""
+    weight = block_parameter(block)
+    out = _first(block(batch.to(weight.device, weight.dtype), **block_kwargs))
+    return out.to(batch.device, batch.dtype)
 
 
 def _first(out):
@@ -105,7 +135,5 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: to
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict, batch_size: int = 8) -> torch.Tensor:
     """The block's outputs for (nsamples, seqlen, hidden) inputs, `batch_size` windows at a time."""
-    outputs = []
-    for start in range(0, len(hidden), batch_size):
-        outputs.append(_first(block(hidden[start: start + batch_size], **block_kwargs)))
-    return torch.cat(outputs)
+    return torch.cat([_through(block, hidden[start: start + batch_size], block_kwargs)
+                      for start in range(0, len(hidden), batch_size)])

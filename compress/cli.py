@@ -1,7 +1,9 @@
 """The `compress` command: builds a recipe from flags (or reads one), runs it, writes the output.
 
     compress --model demo --rank-budget 0.5 --wbits 4 --out demo-r50-w4
-    compress eval DIR --ppl demo [--seqlen N] [--json FILE]
+    compress eval DIR [--ppl demo] [--tasks python_next_line --limit 200] [--json FILE]
+    compress export DIR --format gptq|dense|native|onnx --out OUT [--merge-lowrank]
+    compress report DIR1 DIR2 ... --out REPORT_DIR
     compress compensate --model QUANTIZED_DIR --original MODEL --rank 64 [--method eora|lorc] --out OUT
 """
 from __future__ import annotations
@@ -23,7 +25,9 @@ RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "gr
 
 def compress_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress a causal LM: W ~= base + up @ down.",
-                                     epilog="Other commands: compress eval DIR --ppl SRC; compress compensate --model DIR --original MODEL --out OUT")
+                                     epilog="Other commands: compress eval DIR --ppl SRC --tasks T; compress compensate --model DIR "
+                                            "--original MODEL --out OUT; compress export DIR --format F --out OUT; "
+                                            "compress report DIR... --out OUT")
     parser.add_argument("--model", required=True, help="alias (demo, llama-3-8b, ...), hub id, or local directory")
     parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -47,6 +51,11 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     group.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model max positions))")
     group.add_argument("--seed", type=int, help="seed for drawing the windows (default 0)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", help="where each block computes: cuda, cuda:N or cpu (default cuda when available)")
+    run.add_argument("--offload", action="store_true",
+                     help="keep the calibration activations on the CPU in half precision (halves their memory)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     ppl = parser.add_mutually_exclusive_group()
     ppl.add_argument("--eval-ppl", nargs="?", const="demo", metavar="SRC",
                      help="report perplexity before and after on SRC (default for --model demo: the held-out text)")
@@ -97,27 +106,48 @@ def default_out(model: str, recipe: Recipe) -> Path:
 
 
 def run_compress(argv: list[str]) -> int:
-    from compress.models import load_model
-    from compress.native import check_out, save_compressed
-    from compress.pipeline import compress_model
+    from compress.models import load_model, resolve_model
+    from compress.native import check_out, load_compressed, save_compressed
+    from compress.pipeline import compress_model, compress_to_directory
+    from compress.streaming import has_shards
     from evaluations.perplexity import text_perplexity
     from evaluations.plots import plot_ranks
 
     args = compress_parser().parse_args(argv)
     recipe = build_recipe(args)
     out = args.out or default_out(args.model, recipe)
-    check_out(out, args.overwrite)
+    if not args.resume:
+        check_out(out, args.overwrite)
     ppl_source = None if args.no_eval_ppl else (args.eval_ppl or ("demo" if args.model == "demo" else None))
-    model, tokenizer, resolved = load_model(args.model)
-    original = text_perplexity(model, tokenizer, ppl_source) if ppl_source else None
-    compressed = compress_model(model, recipe, tokenizer=tokenizer)
-    compressed.base_model = compressed.report["base_model"] = args.model if args.model == "demo" else resolved
-    if original:
-        after = text_perplexity(compressed.model, tokenizer, ppl_source)
-        compressed.report["perplexity"] = {"original": original["perplexity"], "compressed": after["perplexity"],
-                                           "source": ppl_source, "seqlen": after["seqlen"], "tokens": after["tokens"]}
-    plot = (lambda directory: plot_ranks(compressed.report, directory / "ranks.png")) if recipe.factorize else None
-    save_compressed(compressed, out, overwrite=args.overwrite, extras=plot)
+    original = ppl_tokenizer = None
+    if ppl_source:
+        model, ppl_tokenizer, _ = load_model(args.model)
+        original = text_perplexity(model, ppl_tokenizer, ppl_source)
+        del model
+
+    def extras(directory: Path, compressed, model=None) -> None:
+        """Perplexity after (of the output as written) and the rank plot, added before the output is moved in place."""
+        report = compressed.report
+        if original:
+            after = text_perplexity(model or load_compressed(directory), ppl_tokenizer, ppl_source)
+            report["perplexity"] = {"original": original["perplexity"], "compressed": after["perplexity"],
+                                    "source": ppl_source, "seqlen": after["seqlen"], "tokens": after["tokens"]}
+            (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if recipe.factorize:
+            plot_ranks(report, directory / "ranks.png")
+
+    resolved = resolve_model(args.model)
+    if Path(resolved).is_dir() and not has_shards(resolved):  # e.g. pytorch_model.bin only: the whole model in memory
+        if args.resume:
+            raise CompressError(f"--resume needs a safetensors checkpoint; {resolved} has none")
+        model, tokenizer, resolved = load_model(args.model)
+        compressed = compress_model(model, recipe, tokenizer=tokenizer)
+        compressed.base_model = compressed.report["base_model"] = args.model if args.model == "demo" else resolved
+        save_compressed(compressed, out, overwrite=args.overwrite,
+                        extras=lambda directory: extras(directory, compressed, compressed.model))
+    else:
+        compressed = compress_to_directory(args.model, recipe, out, device=args.device, offload=args.offload,
+                                           resume=args.resume, overwrite=args.overwrite, extras=extras)
     print(summary(compressed.report))
     print(f"wrote {out.resolve()}")
     return 0
@@ -138,24 +168,41 @@ def summary(report: dict) -> str:
 def run_eval(argv: list[str]) -> int:
     from compress.models import load_model
     from compress.native import CONFIG, load_compressed
+    from evaluations.harness import run_tasks
+    from evaluations.harness import summary as tasks_summary
     from evaluations.perplexity import text_perplexity
 
     parser = argparse.ArgumentParser(prog="compress eval", description="Evaluate a compressed or plain model.")
     parser.add_argument("model", help="compressed output directory, HF model directory, alias or hub id")
-    parser.add_argument("--ppl", required=True, metavar="SRC", help="demo, a text file or folder, or a datasets name")
+    parser.add_argument("--ppl", metavar="SRC", help="perplexity on demo, a text file or folder, or a datasets name")
     parser.add_argument("--seqlen", type=int, help="window length (default min(2048, model max positions))")
+    parser.add_argument("--tasks", help="lm-eval tasks, comma-separated: hub tasks (online) or local ones "
+                                        "(evaluations/tasks: python_next_line)")
+    parser.add_argument("--limit", type=int, help="lm-eval: examples per task (default all)")
+    parser.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: the task's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default 16)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    if not args.ppl and not args.tasks:
+        raise CompressError("nothing to evaluate: give --ppl SRC and/or --tasks t1,t2")
+    if args.limit is not None and args.limit < 1:
+        raise CompressError(f"--limit must be >= 1, got {args.limit}")
     if (Path(args.model) / CONFIG).is_file():
         from transformers import AutoTokenizer
 
         model, tokenizer = load_compressed(args.model), AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer, _ = load_model(args.model)
-    result = text_perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen)
-    result["model"] = args.model
-    print(f"perplexity {result['perplexity']:.4f}  ({result['source']}, {result['tokens']} tokens, "
-          f"{result['seqlen']}-token windows)")
+    result: dict = {"model": args.model}
+    if args.ppl:
+        result.update(text_perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen))
+        print(f"perplexity {result['perplexity']:.4f}  ({result['source']}, {result['tokens']} tokens, "
+              f"{result['seqlen']}-token windows)")
+    if args.tasks:
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        result.update(run_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                                num_fewshot=args.num_fewshot))
+        print(tasks_summary(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -215,6 +262,52 @@ def run_compensate(argv: list[str]) -> int:
     return 0
 
 
+def run_export(argv: list[str]) -> int:
+    from compress.export import ADAPTER, DTYPES, FORMATS, ExportOptions, export
+
+    parser = argparse.ArgumentParser(prog="compress export", description="Write a compressed output in a serving format.")
+    parser.add_argument("model", type=Path, help="a compressed output directory (this tool's native format)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="gptq (+ LoRA adapter), dense, native or onnx")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
+                        help="gptq: v1 zero points (default, what vLLM reads); gptq_v2: true zero points")
+    parser.add_argument("--merge-lowrank", action="store_true",
+                        help="gptq: merge layers without a quantized base (pure low-rank, dense) and requantize them (RTN)")
+    parser.add_argument("--merge-bits", type=int, help="bits for --merge-lowrank (default: the recipe's, else 4)")
+    parser.add_argument("--dtype", choices=DTYPES, help="dense: storage dtype (default: the checkpoint's own)")
+    parser.add_argument("--max-shard-size", default="5GB", help="dense and gptq: largest safetensors shard (default 5GB)")
+    args = parser.parse_args(argv)
+    options = ExportOptions(checkpoint_format=args.checkpoint_format, merge_lowrank=args.merge_lowrank,
+                            merge_bits=args.merge_bits, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    result = export(args.model, args.format, args.out, options, overwrite=args.overwrite)
+    for warning in result.warnings:
+        print(f"compress: warning: {warning}", file=sys.stderr)
+    print(f"{args.format}: " + ", ".join(f"{key} {value}" for key, value in result.checks.items()))
+    if "adapter_rank" in result.checks:
+        print(f"serve: vllm serve {result.path} --enable-lora --max-lora-rank {result.checks['adapter_rank']} "
+              f"--lora-modules compensation={result.path / ADAPTER}")
+    print(f"wrote {result.path.resolve()}")
+    return 0
+
+
+def run_report(argv: list[str]) -> int:
+    from evaluations.report import collect_rows, write_report
+
+    parser = argparse.ArgumentParser(prog="compress report", description="Compare compressed outputs side by side.",
+                                     epilog="Each DIR's report.json is read, and DIR/eval.json when present (write it "
+                                            "with compress eval DIR --tasks ... --json DIR/eval.json); a JSON file "
+                                            "argument is a `compress eval --json` result of a plain model (the original).")
+    parser.add_argument("outputs", nargs="+", type=Path, help="compressed output directories and/or eval JSON files")
+    parser.add_argument("--out", required=True, type=Path, help="directory for report.md, report.json and pareto.png")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    paths = write_report(collect_rows(args.outputs), args.out, overwrite=args.overwrite)
+    print(paths["table"].read_text())
+    print(f"wrote {args.out.resolve()}  ({', '.join(p.name for p in paths.values())})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from calibration.data import CalibrationError
 
@@ -224,12 +317,17 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(argv[1:])
         if argv[:1] == ["compensate"]:
             return run_compensate(argv[1:])
+        if argv[:1] == ["export"]:
+            return run_export(argv[1:])
+        if argv[:1] == ["report"]:
+            return run_report(argv[1:])
         return run_compress(argv)
     except (CompressError, CalibrationError) as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("compress: interrupted; nothing was written", file=sys.stderr)
+        print("compress: interrupted; --out was not written (a streamed run continues from its last finished block "
+              "with --resume)", file=sys.stderr)
         return 130
 
 

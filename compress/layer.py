@@ -6,6 +6,7 @@ from torch import nn
 
 import kernels
 from kernels.grid import QuantizedWeight
+from kernels.reference import materialize
 
 
 class DenseTensor(nn.Module):
@@ -110,7 +111,10 @@ class CompressedLinear(nn.Module):
 
     def weight_approx(self) -> torch.Tensor:
         """The dense (out, in) weight this layer represents, in float32."""
-        return kernels.lowrank_linear(torch.eye(self.in_features), *self.operands()).T
+        base, up, down = (materialize(operand, torch.float32) for operand in self.operands())
+        if up is None:
+            return base
+        return up @ down if base is None else base + up @ down
 
     def stored_bits(self) -> int:
         """Every bit of the stored weight tensors: ints, scales, zeros and factors (not the bias)."""

@@ -27,14 +27,16 @@ def damped_cholesky(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tens
     Tries no damping first, then 1e-8, 1e-7, ... times the mean diagonal; dead input channels
     (zero diagonal) get the mean diagonal so that they cannot make the factor singular.
     """
-    gram = gram.double().clone()
+    gram = gram.to(torch.float64, copy=True)
     diag = gram.diagonal()
     mean_diag = diag.mean().clamp(min=1e-12).item()
     dead = diag <= 0
     diag[dead] = mean_diag
+    undamped = diag.clone()
     for attempt in range(max_tries):
         damp = 0.0 if attempt == 0 else mean_diag * 10.0 ** (attempt - 9)
-        factor, info = torch.linalg.cholesky_ex(gram + damp * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+        diag.copy_(undamped + damp)  # on the diagonal in place: no (n, n) identity or sum beside the Gram
+        factor, info = torch.linalg.cholesky_ex(gram)
         if info.item() == 0:
             return factor, damp
     raise torch.linalg.LinAlgError(f"Gram matrix is not positive definite even with damping {damp:.3g}")
@@ -65,23 +67,25 @@ def whitened_lowrank(target: torch.Tensor, root: torch.Tensor, rank: int) -> Low
 
 
 def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q Lambda^(1/2), Lambda^(-1/2) Q^T), both (n, n) float64, from eigh(gram) = Q Lambda Q^T.
+    """(root = Q Lambda^(1/2) (n, n), inverse_lambda (n,)) float64, from eigh(gram) = Q Lambda Q^T.
 
+    root @ root.T = gram, and (inverse_lambda[:, None] * root.T) = Lambda^(-1/2) Q^T is root's pseudo-inverse:
+    callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held.
     A truncated pseudo-inverse (as GPTQModel's EoRA): eigenvalues <= lambda_max * n * eps_fp32, negative
-    ones included, count as zero, and both their square root and inverse square root are set to 0.
+    ones included, count as zero, and both their square root and inverse are set to 0.
     """
     gram = gram.double()
     if not torch.isfinite(gram).all():
         raise ValueError("eigen_root: the Gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
-    eigenvalues, Q = torch.linalg.eigh(gram)
+    eigenvalues, root = torch.linalg.eigh(gram)
     if not torch.isfinite(eigenvalues).all():
         raise ValueError("eigen_root: eigh of the Gram matrix returned non-finite eigenvalues")
     threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float32).eps
     kept = eigenvalues > threshold
-    sqrt_lambda, inv_sqrt_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
+    sqrt_lambda, inverse_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
     sqrt_lambda[kept] = eigenvalues[kept].sqrt()
-    inv_sqrt_lambda[kept] = eigenvalues[kept].rsqrt()
-    return Q * sqrt_lambda, inv_sqrt_lambda[:, None] * Q.T
+    inverse_lambda[kept] = 1 / eigenvalues[kept]
+    return root.mul_(sqrt_lambda), inverse_lambda
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:

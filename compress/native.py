@@ -57,20 +57,48 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
 
     with atomic_directory(out, overwrite) as tmp:
         save_file(state, tmp / TENSORS, metadata={"format": "pt"})  # one key: safetensors writes a map in no fixed order
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if compressed.tokenizer is not None:
-            compressed.tokenizer.save_pretrained(tmp)
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": compressed.base_model,
-                  "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": sha256(tmp / TENSORS)}},
-                  "layers": layers, "recipe": compressed.recipe.to_dict()}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "report.json").write_text(json.dumps(compressed.report, indent=2) + "\n")
-        (tmp / "recipe.yaml").write_text(compressed.recipe.to_yaml())
+        write_metadata(compressed, tmp, {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": sha256(tmp / TENSORS)}})
         if extras is not None:
             extras(tmp)
     return out
+
+
+def save_streamed(compressed, work: Path, out: Path, files: dict[str, dict], overwrite: bool = False,
+                  extras: Callable[[Path], None] | None = None) -> Path:
+    """Finish a streamed run: its tensor files are already in `work`; add the metadata, then move it to `out`."""
+    check_out(out, overwrite)
+    try:
+        write_metadata(compressed, work, files)
+        if extras is not None:
+            extras(work)
+    except BaseException:
+        for name in ("config.json", CONFIG):  # what is written is not an output yet: the tensor files stay to resume
+            (work / name).unlink(missing_ok=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out)
+    return out
+
+
+def write_metadata(compressed, directory: Path, files: dict[str, dict]) -> None:
+    """HF config, generation config, tokenizer, compression_config.json (layers, files with sha256), report, recipe."""
+    model = compressed.model
+    layers = {name: module.spec() for name, module in model.named_modules() if isinstance(module, CompressedLinear)}
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if compressed.tokenizer is not None:
+        compressed.tokenizer.save_pretrained(directory)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": compressed.base_model,
+              "files": files, "layers": layers, "recipe": compressed.recipe.to_dict()}
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "report.json").write_text(json.dumps(compressed.report, indent=2) + "\n")
+    (directory / "recipe.yaml").write_text(compressed.recipe.to_yaml())
 
 
 @contextmanager
@@ -141,7 +169,9 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         for name, spec in config["layers"].items():
             model.set_submodule(name, CompressedLinear.from_spec(spec))
-        state = load_file(path / TENSORS)
+        state = {}
+        for name in config["files"]:
+            state.update(load_file(path / name))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CompressError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     compressed_keys = tuple(f"{name}." for name in config["layers"])
@@ -149,13 +179,13 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and expected[key].shape != tensor.shape:
-            raise CompressError(f"{path / TENSORS}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
+            raise CompressError(f"{path}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
         if key in expected and expected[key].dtype != tensor.dtype:
-            raise CompressError(f"{path / TENSORS}: {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
+            raise CompressError(f"{path}: {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise CompressError(f"{path / TENSORS} does not match {CONFIG}: missing {sorted(set(missing) - tied)[:3]}, "
+        raise CompressError(f"the tensors in {path} do not match {CONFIG}: missing {sorted(set(missing) - tied)[:3]}, "
                             f"unexpected {sorted(unexpected)[:3]}")
     if tied:
         model.tie_weights()

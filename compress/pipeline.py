@@ -5,6 +5,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,13 +22,15 @@ from compress.factorize.svd import factorize_svd
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.layer import CompressedLinear
 from compress.linalg import LowRank, output_error
-from compress.models import DEMO_DIR, load_model
+from compress.models import DEMO_DIR, load_model, resolve_model
 from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
 from compress.quantize.cbq import CBQConfig, quantize_window_cbq, windows
 from compress.quantize.gptq import quantize_gptq
 from compress.quantize.lrq import LRQConfig, quantize_block_lrq
 from compress.quantize.rtn import quantize_rtn
 from compress.recipe import Compensate, Factorize, Quantize, Recipe
+from compress.streaming import Shards, Stream, empty_model, has_shards
+import kernels
 from kernels.grid import QuantizedWeight, resolve_group_size
 
 DEFAULT_CALIBRATION = DEMO_DIR / "calibration.txt"
@@ -47,13 +50,19 @@ class Compressed:
     base_model: str
 
 
+# Compressed blocks propagate the calibration streams through the float32 reference matmul: the same numbers on every
+# device, whatever kernels serve the model later.
+@kernels.forced("reference")
 def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | torch.Tensor | None = None,
-                   tokenizer=None, progress: bool = True, bases: dict[str, torch.Tensor] | None = None) -> Compressed:
+                   tokenizer=None, progress: bool = True, bases: dict[str, torch.Tensor] | None = None,
+                   stream: Stream | None = None) -> Compressed:
     """Compress `model` (a model, alias, hub id or directory) in place as `recipe` says.
 
     calib: token ids (nsamples, seqlen), or a text source overriding recipe.calibration.source.
     bases: {module name: weight (out, in)} already quantized by someone else (their dequantized values): only
     those layers are touched, each becoming base + the recipe's compensation.
+    stream: run block by block from a checkpoint's shards (`model` is then `streaming.empty_model`), each finished
+    block written to the stream's checkpoints and freed; see `compress_to_directory`.
     """
     if recipe.compensate and not recipe.quantize and bases is None:
         raise CompressError("compensation needs a quantized base: give --wbits, or run `compress compensate` on a "
@@ -70,21 +79,45 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             raise CompressError(f"the quantized checkpoint has layers the model lacks or the recipe excludes: {missing[:3]}")
         targets = [{name: layer for name, layer in block.items() if name in bases} for block in targets]
     shapes = {name: (layer.out_features, layer.in_features) for block in targets for name, layer in block.items()}
-    plan = allocate(recipe.factorize, targets, shapes) if recipe.factorize else Plan({}, set())
+    weight_of = stream.weight if stream else (lambda name: model.get_submodule(name).weight.detach())
+    plan = allocate(recipe.factorize, targets, shapes, weight_of) if recipe.factorize else Plan({}, set())
     if recipe.quantize:
         check_group_size(recipe.quantize.group_size, shapes, plan.ranks)
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
+    notes = calibration_notes(input_ids)
     cross = recipe.factorize is not None and recipe.factorize.method == "saes-svd"
-
-    hidden, block_kwargs = capture_block_inputs(model, blocks[0], input_ids)
-    fp_hidden = hidden  # the full-precision stream, beside the compressed one
-    layers, block_errors, notes = {}, [], []
     learning = recipe.quantize.method if recipe.quantize and recipe.quantize.method in ("lrq", "cbq") else None
+    resumed = stream.start(input_ids, recipe, len(blocks), learning) if stream else 0
+
+    if stream:
+        stream.fill_outside(model, prefix)
+    # A resumed run needs only the blocks' keyword arguments (RoPE, mask): one window gives them.
+    ids = input_ids[:1] if resumed else input_ids
+    hidden, block_kwargs = capture_block_inputs(model, blocks[0], ids.to(stream.device) if stream else ids)
+    if stream:
+        stream.release_outside(model, prefix)
+        hidden, block_kwargs = stream.place(hidden, block_kwargs)
+    fp_hidden = hidden  # the full-precision stream, beside the compressed one
+    if resumed:
+        hidden, fp_hidden = stream.checkpoints.streams(resumed - 1)
+    check_finite(hidden, "the calibration inputs of the first block")
+    layers, block_errors, block_seconds = {}, [], []
     if learning == "cbq":
         cbq = cbq_config(recipe.quantize)
         window_at = {window.start: window for window in windows(len(blocks), cbq.window, cbq.overlap)}
     pending: dict[int, dict[str, QuantizedWeight]] = {}  # CBQ: blocks learnt in a window, not yet replaced
     for index, block in enumerate(tqdm(blocks, desc="compressing", unit="block", disable=not progress)):
+        if index < resumed:  # finished by the interrupted run: its record, and its layers' shapes on meta
+            record = stream.restore(model, index)
+            layers.update(record["layers"])
+            block_errors.append(record["block_output_error"])
+            block_seconds.append(record["seconds"])
+            notes += record["notes"]
+            continue
+        block_start, notes_before = time.time(), len(notes)
+        if stream:
+            for later in (window_at[index] if learning == "cbq" and index in window_at else [index]):
+                stream.fill(blocks[later], f"{prefix}.{later}")
         stats, fp_hidden = paired_statistics(block, targets[index], hidden, fp_hidden, block_kwargs, cross=cross)
         weights = {name: linear.weight.detach().float() for name, linear in targets[index].items()}
         grams = {name: stat.gram for name, stat in stats.items()}
@@ -99,17 +132,24 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         elif learning == "cbq" and index in window_at:
             pending.update(learn_cbq_window(blocks, targets, window_at[index], hidden, fp_hidden, block_kwargs, cbq))
         learned = pending.pop(index, {})
-        for name, linear in targets[index].items():
+        for name, linear in targets[index].items():  # each layer's statistics are dropped once it is done
             bias = None if linear.bias is None else linear.bias.detach().clone()
             given = learned.get(name) if bases is None else bases[name]
-            layer, layers[name] = compress_linear(name, weights[name], bias, grams[name], stats[name].cross,
+            layer, layers[name] = compress_linear(name, weights.pop(name), bias, grams.pop(name), stats.pop(name).cross,
                                                   plan.ranks.get(name), recipe, notes, given)
             layers[name]["shape"] = list(linear.weight.shape)
             if name in plan.pruned:
                 layers[name]["channels_kept"] = kept
             model.set_submodule(name, layer)
         hidden = run_block(block, hidden, block_kwargs)
-        block_errors.append(((hidden - fp_hidden).norm() / fp_hidden.norm()).item())
+        check_finite(hidden, f"the outputs of block {index} on the calibration windows")
+        block_errors.append(((hidden.float() - fp_hidden.float()).norm() / fp_hidden.float().norm()).item())
+        block_seconds.append(round(time.time() - block_start, 2))
+        if stream:
+            stream.finish(model, f"{prefix}.{index}", index, hidden, fp_hidden, {
+                "layers": {name: layers[name] for name in targets[index]}, "block_output_error": block_errors[-1],
+                "seconds": block_seconds[-1], "notes": notes[notes_before:],
+                "intermediate_size": model.config.intermediate_size if pruned else None})
 
     stored = sum(model.get_submodule(name).stored_bits() for name in layers)
     dense = sum(out * inp for out, inp in shapes.values())
@@ -119,11 +159,80 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         "compressed_parameters": dense,
         "calibration": {"tokens": input_ids.numel(), "nsamples": input_ids.shape[0], "seqlen": input_ids.shape[1]},
         "block_output_error": block_errors,
+        "block_seconds": block_seconds,
         "layers": layers,
         "notes": notes,
         "seconds": round(time.time() - start, 2),
     }
     return Compressed(model, tokenizer, recipe, report, base_model)
+
+
+def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: str | Path | torch.Tensor | None = None,
+                          device: str | None = None, offload: bool = False, resume: bool = False,
+                          overwrite: bool = False, progress: bool = True, extras=None) -> Compressed:
+    """Compress a checkpoint (alias, hub id or directory with safetensors) block by block into `out`.
+
+    Only one block is in memory at a time; each finished block is checkpointed in `.OUT.partial`, and `resume`
+    continues an interrupted run from there. device: where blocks compute (default cuda when available);
+    offload: keep the calibration activations on the CPU in half precision (else float32).
+    extras(directory, compressed) may add files to the output before it is moved into place.
+    """
+    from compress.native import check_out, save_streamed
+
+    out = Path(out)
+    if not resume:
+        check_out(out, overwrite)
+    directory = checkpoint_directory(model)
+    empty = empty_model(directory)
+    storage = empty.config.dtype if isinstance(empty.config.dtype, torch.dtype) else getattr(torch, str(empty.config.dtype))
+    activation = (torch.float16 if storage == torch.float32 else storage) if offload else torch.float32
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = None
+    if not isinstance(calib, torch.Tensor):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    stream = Stream(Shards(directory), out.parent / f".{out.name}.partial", device, activation, storage, resume, overwrite)
+    compressed = compress_model(empty, recipe, calib, tokenizer, progress, stream=stream)
+    compressed.base_model = compressed.report["base_model"] = model if model == "demo" else directory
+    files = stream.write_outside(compressed.model, find_blocks(compressed.model)[0])
+    stream.checkpoints.clean()
+    save_streamed(compressed, stream.work, out, files, overwrite,
+                  None if extras is None else lambda directory: extras(directory, compressed))
+    return compressed
+
+
+def checkpoint_directory(model: str) -> str:
+    """The local directory of an alias, directory or hub id (downloaded, or from the cache when offline)."""
+    resolved = resolve_model(model)
+    if Path(resolved).is_dir():
+        directory = resolved
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+        except Exception:  # noqa: BLE001 - every hub failure gets the same advice
+            raise CompressError(f"cannot load '{resolved}' from the hugging face hub (offline, not cached, gated or "
+                                "misspelled): download it elsewhere and pass its local directory with --model DIR") from None
+    if not has_shards(directory):
+        raise CompressError(f"{directory} has no safetensors weights: streaming needs model.safetensors or shards "
+                            "with an index (convert the checkpoint with save_pretrained)")
+    return directory
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Refuse NaN or Inf in calibration activations: every statistic and weight after it would be garbage."""
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise CompressError(f"{what} hold {bad} NaN/Inf values (overflow in half precision? a broken checkpoint?); "
+                            "nothing was written")
+
+
+def calibration_notes(input_ids: torch.Tensor) -> list[str]:
+    """Report windows that are one token repeated (padding, an empty document): they add little information."""
+    constant = [i for i, window in enumerate(input_ids) if (window == window[0]).all()]
+    return [f"calibration windows {constant[:8]} are one token repeated" + (" ..." if len(constant) > 8 else "")] if constant else []
 
 
 @dataclass(frozen=True)
@@ -134,13 +243,13 @@ class Plan:
     pruned: set[str]
 
 
-def allocate(stage: Factorize, targets: list[dict[str, nn.Linear]], shapes: dict[str, tuple[int, int]]) -> Plan:
-    """Per-layer ranks for the stage's budget and allocator; shapes: {name: (out, in)}."""
+def allocate(stage: Factorize, targets: list[dict[str, nn.Linear]], shapes: dict[str, tuple[int, int]],
+             weight_of: Callable[[str], torch.Tensor]) -> Plan:
+    """Per-layer ranks for the stage's budget and allocator; shapes: {name: (out, in)}; weight_of(name): its weight."""
     if stage.allocate == "uniform":
         return Plan(uniform_ranks(shapes, stage.rank_budget), set())
     if stage.allocate == "welore":
-        spectra = {name: torch.linalg.svdvals(layer.weight.detach().double())
-                   for block in targets for name, layer in block.items()}
+        spectra = {name: torch.linalg.svdvals(weight_of(name).double()) for block in targets for name in block}
         try:
             return Plan(welore_ranks(spectra, shapes, stage.rank_budget), set())
         except ValueError as exc:
@@ -216,6 +325,12 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     """Factorize (rank given) and/or quantize one weight (out, in), or take a given base (someone else's dequantized
     weight, or one a block-level quantizer learned), then compensate; returns the layer and its report entry."""
     info: dict = {}
+    bad = (~torch.isfinite(weight)).sum().item()
+    if bad:
+        raise CompressError(f"{name}: the weight holds {bad} NaN/Inf values; a broken checkpoint cannot be compressed")
+    dead = (gram.diagonal() == 0).sum().item()
+    if dead:
+        notes.append(f"{name}: {dead} of {len(gram)} input channels were never active in calibration (damped)")
     base = up = down = None
     if recipe.factorize and rank is not None:
         lowrank, details = factorize(weight, gram, cross, rank, recipe.factorize)
@@ -246,7 +361,11 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     if given_base is None and isinstance(base, torch.Tensor):
         base = base.half()
     layer = CompressedLinear.from_parts(base, up, down, bias)
-    info["relative_error"] = output_error(weight, layer.weight_approx(), gram)
+    approx = layer.weight_approx()
+    if not torch.isfinite(approx).all():
+        raise CompressError(f"{name}: the compressed weight is not finite (weights beyond the fp16 range of the scales, "
+                            "or degenerate calibration statistics); nothing was written")
+    info["relative_error"] = output_error(weight, approx, gram)
     return layer, info
 
 

@@ -8,6 +8,7 @@ the kernels, which on a CPU needs TRITON_INTERPRET=1 set before they are first u
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -20,9 +21,24 @@ KERNELS_ENV = "COMPRESS_KERNELS"
 CHOICES = ("auto", "reference", "triton")
 
 
+_forced: list[str] = []  # innermost `forced(...)` last
+
+
+@contextmanager
+def forced(choice: str):
+    """Within the block, take `choice` (auto, reference or triton) whatever COMPRESS_KERNELS says."""
+    if choice not in CHOICES:
+        raise ValueError(f"kernel choice must be one of {', '.join(CHOICES)}, got '{choice}'")
+    _forced.append(choice)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """The choice of path: COMPRESS_KERNELS when it names one, else Triton exactly for CUDA tensors."""
-    choice = os.environ.get(KERNELS_ENV, "auto")
+    """The choice of path: `forced`, else COMPRESS_KERNELS when it names one, else Triton exactly for CUDA tensors."""
+    choice = _forced[-1] if _forced else os.environ.get(KERNELS_ENV, "auto")
     if choice not in CHOICES:
         raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(CHOICES)}, got '{choice}'")
     return choice == "triton" or (choice == "auto" and x.is_cuda)

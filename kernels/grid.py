@@ -79,6 +79,9 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of `pack`: (rows, words) int32 -> (rows, cols) int32."""
     rows = packed.shape[0]
+    if WORD % bits == 0:  # no value straddles two words: shift each word by each of its values' offsets
+        shifts = torch.arange(0, WORD, bits, device=packed.device, dtype=torch.int32)
+        return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(rows, -1)[:, :cols]
     words = packed.to(torch.int64) & 0xFFFFFFFF
     bitstream = (words.unsqueeze(-1) >> torch.arange(WORD, device=packed.device)) & 1
     values = bitstream.reshape(rows, -1, bits) << torch.arange(bits, device=packed.device)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import compress.native as native
+import compress.streaming as streaming
 from compress.cli import main
 from compress.models import DEMO_DIR
 
@@ -71,17 +71,19 @@ def test_existing_out_needs_overwrite(capsys, tmp_path, tiny_model_dir):
     refuse(capsys, ["--model", str(tiny_model_dir), *W4, "--out", str(out)] + FAST, "already exists")
     assert (out / "keep.txt").read_text() == "mine"
     assert main(["--model", str(tiny_model_dir), *W4, "--out", str(out), "--overwrite"] + FAST) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "keep.txt").exists() and (out / "compression_config.json").exists()
 
 
 def test_interrupted_write_leaves_nothing(capsys, tmp_path, tiny_model_dir, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(native, "save_file", interrupted)
+    monkeypatch.setattr(streaming, "save_file", interrupted)
     out = tmp_path / "o"
     assert main(["--model", str(tiny_model_dir), *W4, "--out", str(out)] + FAST) == 130
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert "--resume" in capsys.readouterr().err
+    assert not out.exists() and [path.name for path in tmp_path.iterdir()] == [".o.partial"]
+    refuse(capsys, ["--model", str(tiny_model_dir), *W4, "--out", str(out)] + FAST, "pass --resume")
 
 
 def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_dir):
@@ -89,7 +91,9 @@ def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_
     assert main(["--model", str(tiny_model_dir), "--rank-budget", "0.5", "--wbits", "8", "--group-size", "16", "--out", str(first)] + FAST) == 0
     again = tmp_path / "again"
     assert main(["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-eval-ppl", "--out", str(again)]) == 0
-    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    tensors = sorted(path.name for path in first.glob("*.safetensors"))
+    assert tensors and tensors == sorted(path.name for path in again.glob("*.safetensors"))
+    assert all((first / name).read_bytes() == (again / name).read_bytes() for name in tensors)
     refuse(capsys, ["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--wbits", "4",
                     "--out", str(tmp_path / "x")], "drop --wbits")
 

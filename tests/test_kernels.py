@@ -108,3 +108,14 @@ def test_dispatch_picks_the_reference_for_cpu_tensors_unless_told(monkeypatch):
     monkeypatch.setenv(kernels.KERNELS_ENV, "cuda")
     with pytest.raises(ValueError, match="COMPRESS_KERNELS"):
         kernels.use_triton(x)
+
+
+def test_forced_choice_overrides_the_environment_and_nests(monkeypatch):
+    x = torch.zeros(1, 4)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    with kernels.forced("reference"):
+        assert not kernels.use_triton(x)
+        with kernels.forced("triton"):
+            assert kernels.use_triton(x)
+        assert not kernels.use_triton(x)
+    assert kernels.use_triton(x)

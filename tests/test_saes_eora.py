@@ -31,8 +31,9 @@ def randn(*shape, seed):
 def test_eigen_root_is_a_root_and_pseudo_inverse():
     x = mild_inputs(8, 40)
     gram = x.T @ x
-    root, root_pinv = eigen_root(gram)
+    root, inverse_lambda = eigen_root(gram)
     torch.testing.assert_close(root @ root.T, gram, rtol=1e-10, atol=1e-10)
+    root_pinv = inverse_lambda[:, None] * root.T
     torch.testing.assert_close(root_pinv @ root, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-10)
     bad = gram.clone()
     bad[0, 0] = float("nan")

@@ -12,6 +12,7 @@ from compress.linalg import LowRank, balanced_svd, eigen_root
 
 def factorize_eora(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
     """target (out, in) = W or W - W_hat, gram (in, in) -> LowRank(up = B (out, rank), down = A (rank, in))."""
-    root, root_pinv = eigen_root(gram)
+    root, inverse_lambda = eigen_root(gram)
     up, down = balanced_svd(target.double() @ root, rank)
-    return LowRank(up=up.to(target.dtype), down=(down @ root_pinv).to(target.dtype))
+    down = (down * inverse_lambda) @ root.T  # A Q'^+ with Q'^+ = Lambda^(-1/2) Q^T = Lambda^-1 Q'^T
+    return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))

@@ -73,15 +73,22 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), float64 (n, n).
 
     When a factorisation fails, damp is raised x10 (to at most MAX_DAMP); returns (U, damp used, raised).
+    The damping goes onto `hessian`'s diagonal in place (float64 input: the caller's working copy), so that
+    besides it at most two (n, n) matrices are alive: an 8B model's down_proj has n = 14336, 1.5 GiB each.
     """
     hessian = hessian.double()
-    mean_diag = hessian.diagonal().mean().item()
-    eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    diagonal = hessian.diagonal()
+    undamped = diagonal.clone()
+    mean_diag = undamped.mean().item()
     tried = damp
     while True:
-        lower, info = torch.linalg.cholesky_ex(hessian + tried * mean_diag * eye)
+        diagonal.copy_(undamped + tried * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(hessian)
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, tried, tried != damp
         if tried >= MAX_DAMP:

@@ -1,0 +1,270 @@
+"""Streaming: a checkpoint compressed block by block from its safetensors shards, each finished block checkpointed.
+
+Only one decoder block's weights (one CBQ window's) are in memory at a time: the model is built on the meta device,
+a block is filled from the shards when the loop reaches it and emptied once its compressed tensors are on disk.
+The work directory `.OUT.partial` holds one safetensors file and one record per finished block, and the two
+activation streams after the last of them; a resumed run continues from there and writes the same files as a run
+that was never stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compress.errors import CompressError
+from compress.native import sha256
+
+INDEX = "model.safetensors.index.json"
+RUN = "run.json"
+
+
+class Shards:
+    """The tensors of a safetensors checkpoint (one model.safetensors, or shards with an index), read by name."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index, single = self.directory / INDEX, self.directory / "model.safetensors"
+        if index.is_file():
+            self.files = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            with safe_open(single, "pt") as handle:
+                self.files = {key: single.name for key in handle.keys()}
+        else:
+            raise CompressError(f"{self.directory} has no safetensors weights (model.safetensors or {INDEX})")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.read([name])[name]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once and closed after: mapped pages of shards read earlier do not
+        stay in the process's resident memory."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        tensors = {}
+        for file, keys in by_file.items():
+            with safe_open(self.directory / file, "pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in keys})
+        return tensors
+
+    def fill(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str,
+             keys: list[str] | None = None) -> None:
+        """Give the (meta) parameters and persistent buffers of `module` (or only `keys`) their tensors
+        `prefix.key` from the shards."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        keys = list(module.state_dict()) if keys is None else keys
+        tensors = self.read([f"{prefix}{key}" for key in keys])
+        for key in keys:
+            tensor = tensors.pop(f"{prefix}{key}")
+            set_module_tensor_to_device(module, key, device, value=tensor,
+                                        dtype=dtype if tensor.is_floating_point() else None)
+
+
+def has_shards(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / INDEX).is_file() or (directory / "model.safetensors").is_file()
+
+
+def empty_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The checkpoint's model with every weight on the meta device (buffers such as RoPE's are real), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    stored_dtype = config.dtype
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.dtype = stored_dtype or dtype  # as compress.models.load_model: outputs keep the checkpoint's dtype
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.name_or_path = str(directory)
+    return model.eval()
+
+
+def fingerprint(model: str, recipe: dict, input_ids: torch.Tensor, blocks: int) -> dict:
+    """What must match for a run to resume another: model, recipe, calibration tokens, block count."""
+    tokens = hashlib.sha256(input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    return {"model": model, "recipe": recipe, "calibration_sha256": tokens, "blocks": blocks,
+            "torch": torch.__version__}
+
+
+def file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+@dataclass
+class Checkpoints:
+    """The work directory of one streaming run. A block counts as finished once its record exists: the record is
+    written last, after the block's tensors and the streams, each of those first to a temporary name."""
+
+    work: Path
+    blocks: int
+
+    @classmethod
+    def open(cls, work: Path, run: dict, resume: bool, overwrite: bool) -> "Checkpoints":
+        if work.exists() and not resume:
+            if not overwrite:
+                raise CompressError(f"an interrupted run left {work}: pass --resume to continue it, "
+                                    "or --overwrite to start over")
+            shutil.rmtree(work)
+        run = json.loads(json.dumps(run))  # as it reads back: tuples become lists
+        if work.exists():
+            saved = json.loads((work / RUN).read_text()) if (work / RUN).is_file() else None
+            if saved != run:
+                raise CompressError(f"cannot resume: {work} was made by a different run (model, recipe, calibration or "
+                                    "torch differ); pass --overwrite to start over")
+        else:
+            work.mkdir(parents=True)
+            write_atomic(work / RUN, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
+        return cls(work, run["blocks"])
+
+    def finished(self) -> int:
+        """How many blocks, from the first, are finished."""
+        count = 0
+        while count < self.blocks and (self.work / f"block-{count:05d}.json").is_file():
+            count += 1
+        return count
+
+    def record(self, index: int) -> dict:
+        return json.loads((self.work / f"block-{index:05d}.json").read_text())
+
+    def streams(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compressed and full-precision streams after block `index`."""
+        tensors = load_file(self.work / f"streams-{index:05d}.safetensors")
+        return tensors["hidden"], tensors["fp_hidden"]
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict, hidden: torch.Tensor,
+             fp_hidden: torch.Tensor) -> None:
+        name = shard_name(index, self.blocks + 1)
+        write_atomic(self.work / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        write_atomic(self.work / f"streams-{index:05d}.safetensors",
+                     lambda tmp: save_file({"hidden": hidden.contiguous(), "fp_hidden": fp_hidden.contiguous()}, tmp))
+        record = {**record, "file": {name: file_entry(self.work / name)}}
+        write_atomic(self.work / f"block-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        (self.work / f"streams-{index - 1:05d}.safetensors").unlink(missing_ok=True)
+
+    def clean(self) -> None:
+        """Remove the bookkeeping, leaving only the output files."""
+        for path in self.work.glob("*"):
+            if path.name == RUN or path.name.startswith(("block-", "streams-")):
+                path.unlink()
+
+
+def write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Stream:
+    """What `compress_model` needs to run from shards: fill a block before it, checkpoint and free it after."""
+
+    def __init__(self, shards: Shards, work: Path, device: torch.device | str = "cpu",
+                 activation_dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype = torch.float16,
+                 resume: bool = False, overwrite: bool = False):
+        self.shards, self.work, self.device = shards, work, torch.device(device)
+        self.activation_dtype, self.storage_dtype = activation_dtype, storage_dtype
+        self.resume, self.overwrite = resume, overwrite
+        self.checkpoints: Checkpoints | None = None
+        self.outside: list[str] = []
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.shards.get(f"{name}.weight")
+
+    def start(self, input_ids: torch.Tensor, recipe, blocks: int, learning: str | None) -> int:
+        """Open the work directory; the number of blocks an interrupted run already finished."""
+        run = fingerprint(str(self.shards.directory), recipe.to_dict(), input_ids, blocks)
+        self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite)
+        finished = self.checkpoints.finished()
+        if finished and learning == "cbq":
+            raise CompressError("cannot resume a CBQ run: its windows span blocks; pass --overwrite to start over")
+        return finished
+
+    def fill_outside(self, model: nn.Module, prefix: str) -> None:
+        """Fill what runs before the blocks (embeddings); the output head stays on meta."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+        self.outside = [key for key in model.state_dict() if not key.startswith((f"{prefix}.", f"{head}."))
+                        and key in self.shards]
+        self.shards.fill(model, "", torch.float32, self.device, self.outside)
+        for name, buffer in model.named_buffers():  # RoPE's frequencies: not in the shards, made on the CPU
+            if not name.startswith(f"{prefix}.") and not buffer.is_meta:
+                set_module_tensor_to_device(model, name, self.device)
+
+    def release_outside(self, model: nn.Module, prefix: str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for key in self.outside:
+            set_module_tensor_to_device(model, key, "meta")
+
+    def place(self, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, dict]:
+        """The calibration stream on the CPU in the activation dtype; the block arguments on the compute device."""
+        from accelerate.utils import send_to_device
+
+        return hidden.to("cpu", self.activation_dtype), send_to_device(block_kwargs, self.device)
+
+    def fill(self, block: nn.Module, prefix: str) -> None:
+        if any(t.is_meta for t in block.state_dict().values()):
+            self.shards.fill(block, f"{prefix}.", torch.float32, self.device)
+
+    def finish(self, model: nn.Module, prefix: str, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor,
+               record: dict) -> None:
+        """Write the finished block (compressed layers as they are, the rest in the storage dtype) and free it."""
+        from compress.layer import CompressedLinear
+
+        block = model.get_submodule(prefix)
+        compressed = {f"{prefix}.{name}": module for name, module in block.named_modules()
+                      if isinstance(module, CompressedLinear)}
+        keep = tuple(f"{name}." for name in compressed)
+        tensors = {}
+        for key, tensor in block.state_dict().items():
+            key = f"{prefix}.{key}"
+            cast = tensor.is_floating_point() and not key.startswith(keep)
+            tensors[key] = (tensor.to(self.storage_dtype) if cast else tensor).detach().cpu().contiguous()
+        record = {**record, "specs": {name: module.spec() for name, module in compressed.items()}}
+        self.checkpoints.save(index, tensors, record, hidden, fp_hidden)
+        block.to("meta")
+
+    def restore(self, model: nn.Module, index: int) -> dict:
+        """A block finished by an earlier run: its record, and its compressed layers' shapes put on meta."""
+        from compress.layer import CompressedLinear
+
+        record = self.checkpoints.record(index)
+        with torch.device("meta"):
+            for name, spec in record["specs"].items():
+                model.set_submodule(name, CompressedLinear.from_spec(spec))
+        if record["intermediate_size"]:
+            model.config.intermediate_size = record["intermediate_size"]
+        return record
+
+    def write_outside(self, model: nn.Module, prefix: str) -> dict[str, dict]:
+        """The tensors outside the blocks (embeddings, final norm, head), straight from the shards in the storage
+        dtype, as the last shard; returns every shard's file entry."""
+        blocks = self.checkpoints.blocks
+        name = shard_name(blocks, blocks + 1)
+        tensors = self.shards.read([key for key in model.state_dict() if not key.startswith(f"{prefix}.") and key in self.shards])
+        tensors = {key: (t.to(self.storage_dtype) if t.is_floating_point() else t).contiguous() for key, t in tensors.items()}
+        write_atomic(self.work / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        files = {}
+        for index in range(blocks):
+            files.update(self.checkpoints.record(index)["file"])
+        files[name] = file_entry(self.work / name)
+        return files

@@ -1,0 +1,147 @@
+"""Compress a Llama-3-8B-shaped checkpoint (random weights) block by block: peak memory and time per block.
+
+    python -m evaluations.bench_scale --blocks 1             # quick: the first block only (CPU: minutes)
+    python -m evaluations.bench_scale --device cuda --nsamples 128 --seqlen 2048   # the whole model on a GPU
+
+The checkpoint is written shard by shard (one block per shard, bf16, never whole in memory), then each recipe runs
+in its own process so that its peak resident memory is its own: `--rank-budget 0.5 --wbits 4` (SVD-LLM, 4-bit
+factors) and GPTQ W4 g128 + EoRA rank 64. Random weights have no low-rank structure: these are speed and memory
+figures, not quality ones. The extrapolated total is the run's fixed cost plus the mean block time x 32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+RECIPES = {
+    "r0.5-w4": {"factorize": {"method": "svd-llm", "rank_budget": 0.5}, "quantize": {"method": "rtn", "bits": 4}},
+    "gptq-w4-eora64": {"quantize": {"method": "gptq", "bits": 4}, "compensate": {"method": "eora", "rank": 64}},
+}
+
+
+def write_checkpoint(directory: Path, blocks: int, seed: int = 0) -> None:
+    """A Llama-3-8B-shaped checkpoint with `blocks` decoder blocks of N(0, 0.02) bf16 weights, one shard per block."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**{**LLAMA_3_8B, "num_hidden_layers": blocks}, dtype="bfloat16")
+    shapes = block_shapes(config)
+    generator = torch.Generator().manual_seed(seed)
+    total = blocks + 1
+    weight_map = {}
+
+    def shard(index: int, tensors: dict[str, tuple[int, ...]]) -> None:
+        name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+        values = {key: (torch.ones(shape) if key.endswith("norm.weight") else
+                        torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for key, shape in tensors.items()}
+        save_file(values, directory / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in values})
+
+    for index in range(blocks):
+        shard(index, {f"model.layers.{index}.{key}": shape for key, shape in shapes.items()})
+    shard(blocks, {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+                   "model.norm.weight": (config.hidden_size,), "lm_head.weight": (config.vocab_size, config.hidden_size)})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(directory)
+
+
+def block_shapes(config) -> dict[str, tuple[int, ...]]:
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    return {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+            "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
+            "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+            "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter)}
+
+
+def compress_once(model: Path, recipe_name: str, out: Path, nsamples: int, seqlen: int, device: str | None,
+                  offload: bool) -> dict:
+    """One recipe on the checkpoint, in this process; the figures as a record."""
+    from compress.pipeline import compress_to_directory
+    from compress.recipe import Recipe
+
+    recipe = Recipe.from_dict({**RECIPES[recipe_name], "calibration": {"nsamples": nsamples, "seqlen": seqlen}})
+    ids = torch.randint(0, LLAMA_3_8B["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    start = time.time()
+    compressed = compress_to_directory(str(model), recipe, out, calib=ids, device=device, offload=offload, overwrite=True)
+    seconds = time.time() - start
+    report = compressed.report
+    blocks = report["block_seconds"]
+    fixed = seconds - sum(blocks)
+    record = {"recipe": recipe_name, "blocks": len(blocks), "nsamples": nsamples, "seqlen": seqlen,
+              "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")), "threads": torch.get_num_threads(),
+              "offload": offload, "seconds": round(seconds, 1), "block_seconds": blocks,
+              "fixed_seconds": round(fixed, 1), "extrapolated_32_blocks_seconds": round(fixed + 32 * sum(blocks) / len(blocks), 1),
+              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+              "bits_per_weight": round(report["bits_per_weight"], 3)}
+    if torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name()
+        record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=32, help="decoder blocks to write and compress (Llama-3-8B: 32)")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--device", help="cuda or cpu (default cuda when available)")
+    parser.add_argument("--offload", action="store_true", help="calibration activations in half precision on the CPU")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"), help="where the checkpoint and outputs go")
+    parser.add_argument("--json", type=Path, default=Path("evaluations/results/bench_scale/results.json"))
+    parser.add_argument("--one", nargs=2, metavar=("RECIPE", "OUT"), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args(argv)
+    model = args.work / f"llama-3-8b-shaped-{args.blocks}"
+    if args.one:
+        record = compress_once(model, args.one[0], Path(args.one[1]), args.nsamples, args.seqlen, args.device, args.offload)
+        print("RECORD " + json.dumps(record))
+        return
+    if not (model / "model.safetensors.index.json").is_file():
+        start = time.time()
+        write_checkpoint(model, args.blocks)
+        print(f"wrote {model} ({args.blocks} blocks) in {time.time() - start:.0f} s, "
+              f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    records = []
+    for name in args.recipes:
+        command = [sys.executable, "-m", "evaluations.bench_scale", "--blocks", str(args.blocks), "--nsamples",
+                   str(args.nsamples), "--seqlen", str(args.seqlen), "--work", str(args.work),
+                   "--one", name, str(args.work / f"out-{name}-{args.blocks}")]
+        command += ["--device", args.device] if args.device else []
+        command += ["--offload"] if args.offload else []
+        run = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("RECORD ")]
+        if run.returncode or not lines:
+            sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
+        records.append(json.loads(lines[-1][len("RECORD "):]))
+        print(format_record(records[-1]), flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else []
+    args.json.write_text(json.dumps(previous + records, indent=2) + "\n")
+    if not torch.cuda.is_available():
+        print("no GPU here: the GPU targets (whole model, 128 x 2048 calibration) were not measured")
+
+
+def format_record(record: dict) -> str:
+    per_block = sum(record["block_seconds"]) / record["blocks"]
+    gpu = f", peak GPU {record['peak_gpu_gib']} GiB on {record['gpu']}" if "gpu" in record else ""
+    return (f"{record['recipe']:>15}: {record['blocks']} block(s), {record['nsamples']} x {record['seqlen']} tokens on "
+            f"{record['device']} ({record['threads']} threads): {per_block:.0f} s per block, fixed {record['fixed_seconds']:.0f} s, "
+            f"extrapolated to 32 blocks {record['extrapolated_32_blocks_seconds'] / 60:.1f} min; peak RSS "
+            f"{record['peak_rss_gib']} GiB{gpu}; {record['bits_per_weight']} bits per weight")
+
+
+if __name__ == "__main__":
+    main()

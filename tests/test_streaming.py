@@ -1,0 +1,166 @@
+"""Streaming block by block from shards, resume after a kill, and numerical safety."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from calibration import paired_statistics, record_grams
+from calibration.capture import capture_block_inputs
+from compress.cli import main
+from compress.errors import CompressError
+from compress.native import load_compressed, save_compressed
+from compress.pipeline import compress_model, compress_to_directory
+from compress.recipe import Calibration, Factorize, Quantize, Recipe
+from conftest import tiny_llama
+
+FAST = ["--nsamples", "8", "--seqlen", "32", "--no-eval-ppl", "--group-size", "32"]
+CALIBRATION = Calibration(nsamples=8, seqlen=32)
+
+# Runs the CLI, SIGKILLing itself at the N-th layer it compresses (0: never); prints how many it compressed.
+KILLER = """
+import os, signal, sys
+import torch
+torch.set_num_threads(2)
+import compress.pipeline as pipeline
+calls, kill_at, original = [0], int(sys.argv[1]), pipeline.compress_linear
+def counting(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+pipeline.compress_linear = counting
+from compress.cli import main
+code = main(sys.argv[2:])
+print("layers compressed:", calls[0])
+sys.exit(code)
+"""
+
+
+def run_killer(kill_at: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-c", KILLER, str(kill_at), *args], capture_output=True, text=True, env=env)
+
+
+def output_files(directory) -> dict[str, bytes]:
+    """Every file that defines the model; report.json's timings are left out."""
+    files = {path.name: path.read_bytes() for path in directory.iterdir() if path.name not in ("report.json",)}
+    report = json.loads((directory / "report.json").read_text())
+    for key in ("seconds", "block_seconds"):
+        report.pop(key)
+    files["report.json"] = json.dumps(report, sort_keys=True).encode()
+    return files
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(factorize=Factorize(method="svd-llm", rank_budget=0.5), quantize=Quantize(method="gptq", bits=4, group_size=32),
+           calibration=CALIBRATION),
+    Recipe(factorize=Factorize(method="lorap", rank_budget=0.5, allocate="lorap"), calibration=CALIBRATION),
+], ids=["svd-llm+gptq", "lorap"])
+def test_streamed_output_equals_the_in_memory_one(tiny_model_dir, tmp_path, recipe):
+    in_memory = compress_model(str(tiny_model_dir), recipe, progress=False)
+    save_compressed(in_memory, tmp_path / "memory")
+    streamed = compress_to_directory(str(tiny_model_dir), recipe, tmp_path / "stream", progress=False)
+    assert all(t.is_meta for t in streamed.model.state_dict().values())  # nothing stayed in memory
+    assert len(list((tmp_path / "stream").glob("model-*-of-00003.safetensors"))) == 3  # 2 blocks + the rest
+    expected, got = load_compressed(tmp_path / "memory").state_dict(), load_compressed(tmp_path / "stream").state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    assert streamed.report["layers"] == in_memory.report["layers"]
+
+
+def test_resume_after_sigkill_writes_identical_files(tiny_model_dir, tmp_path):
+    args = ["--model", str(tiny_model_dir), "--rank-budget", "0.5", "--wbits", "4", "--quantize", "gptq"] + FAST
+    whole = run_killer(0, args + ["--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    assert "layers compressed: 14" in whole.stdout
+    out = tmp_path / "resumed"
+    killed = run_killer(10, args + ["--out", str(out)])  # the 3rd layer of the 2nd block
+    assert killed.returncode == -9 and not out.exists()
+    assert (tmp_path / ".resumed.partial" / "block-00000.json").exists()
+    resumed = run_killer(0, args + ["--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "layers compressed: 7" in resumed.stdout  # only the unfinished block was redone
+    assert not (tmp_path / ".resumed.partial").exists()
+    assert output_files(out) == output_files(tmp_path / "whole")
+
+
+def test_resume_refuses_a_different_recipe(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    work = tmp_path / ".o.partial"
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"model": "something else"}))
+    assert main(["--model", str(tiny_model_dir), "--wbits", "4", "--out", str(out), "--resume"] + FAST) == 2
+    assert "different run" in capsys.readouterr().err and not out.exists()
+
+
+def broken_model_dir(tmp_path, demo_tokenizer, edit) -> str:
+    model = tiny_llama(vocab_size=len(demo_tokenizer))
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(tmp_path / "broken")
+    demo_tokenizer.save_pretrained(tmp_path / "broken")
+    return str(tmp_path / "broken")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.model.layers[1].mlp.up_proj.weight.__setitem__((3, 5), float("nan")), "model.layers.1.mlp.up_proj: the weight holds 1 NaN"),
+    (lambda m: m.model.embed_tokens.weight.__setitem__((slice(None), 0), float("inf")), "calibration inputs of the first block hold"),
+    (lambda m: m.model.layers[0].post_attention_layernorm.weight.mul_(1e38), "outputs of block 0"),
+    (lambda m: m.model.layers[0].mlp.down_proj.weight.mul_(1e30), "mlp.down_proj: the compressed weight is not finite"),
+], ids=["nan-weight", "inf-embedding", "overflowing-block", "beyond-fp16-scales"])
+def test_non_finite_values_are_refused_and_nothing_is_written(capsys, tmp_path, demo_tokenizer, edit, message):
+    model_dir = broken_model_dir(tmp_path, demo_tokenizer, edit)
+    out = tmp_path / "o"
+    assert main(["--model", model_dir, "--wbits", "4", "--out", str(out)] + FAST) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and err.count("error") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm", "saes-svd", "eora", "gptq"])
+def test_dead_channels_and_constant_windows_are_damped_and_reported(tmp_path, demo_tokenizer, method):
+    # Zeroing the first norm's channels makes the q/k/v Gram singular; a window of one token repeated is reported.
+    model = tiny_llama(vocab_size=len(demo_tokenizer))
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[:8] = 0
+    ids = torch.randint(0, len(demo_tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    ids[1] = 0
+    factorize = None if method == "gptq" else Factorize(method=method, rank_budget=0.5)
+    quantize = Quantize(method="gptq", bits=4, group_size=32) if method == "gptq" else None
+    result = compress_model(model, Recipe(factorize=factorize, quantize=quantize), calib=ids, progress=False)
+    notes = "\n".join(result.report["notes"])
+    assert "model.layers.0.self_attn.q_proj: 8 of 64 input channels were never active" in notes
+    assert "calibration windows [1] are one token repeated" in notes
+    assert all(torch.isfinite(t).all() for t in result.model.state_dict().values() if t.is_floating_point())
+    logits = result.model(ids[:1]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_linears_reading_one_tensor_share_one_gram(demo_tokenizer):
+    model = tiny_llama(vocab_size=len(demo_tokenizer))
+    block = model.model.layers[0]
+    linears = {name: layer for name, layer in block.named_modules() if isinstance(layer, torch.nn.Linear)}
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+    hidden, kwargs = capture_block_inputs(model, block, ids)
+    stats, _ = paired_statistics(block, linears, hidden, hidden, kwargs, batch_size=2)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"] and stats["mlp.down_proj"] is not stats["mlp.up_proj"]
+    with record_grams(linears) as separate:
+        block(hidden, **kwargs)
+    for name in linears:
+        assert torch.allclose(stats[name].gram, separate[name].gram, rtol=1e-10, atol=1e-8)
+
+
+def test_a_truncated_block_file_is_refused_on_load(tiny_model_dir, tmp_path):
+    recipe = Recipe(quantize=Quantize(bits=4, group_size=32), calibration=CALIBRATION)
+    out = tmp_path / "o"
+    compress_to_directory(str(tiny_model_dir), recipe, out, progress=False)
+    shard = out / "model-00001-of-00003.safetensors"
+    tensors = load_file(shard)
+    tensors.pop(next(iter(tensors)))
+    save_file(tensors, shard)
+    with pytest.raises(CompressError, match="truncated or altered|corrupt"):
+        load_compressed(out)
