@@ -75,14 +75,19 @@ def save_streamed(compressed, work: Path, out: Path, files: dict[str, dict], ove
         for name in ("config.json", CONFIG):  # what is written is not an output yet: the tensor files stay to resume
             (work / name).unlink(missing_ok=True)
         raise
+    move_into_place(work, out)
+    return out
+
+
+def move_into_place(directory: Path, out: Path) -> None:
+    """Rename a finished directory to `out`, replacing what is there only once the new one is in place."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-        os.replace(work, out)
+        os.replace(directory, out)
         shutil.rmtree(old)
     else:
-        os.replace(work, out)
-    return out
+        os.replace(directory, out)
 
 
 def write_metadata(compressed, directory: Path, files: dict[str, dict]) -> None:
@@ -111,13 +116,7 @@ def atomic_directory(out: Path, overwrite: bool = False):
     try:
         tmp.mkdir()
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
