@@ -346,8 +346,8 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
             quantized["base"] = quantize(base, gram, recipe.quantize, f"{name}.base", notes)
         else:  # the factor `up` sees the input `down @ x`, whose Gram is down G down^T (down as quantized)
             quantized["down"] = quantize(down, gram, recipe.quantize, f"{name}.down", notes)
-            down_q = quantized["down"].dequantize(torch.float64)
-            quantized["up"] = quantize(up, down_q @ gram.double() @ down_q.T, recipe.quantize, f"{name}.up", notes)
+            quantized["up"] = quantize(up, factor_gram(quantized["down"], gram, recipe.quantize), recipe.quantize,
+                                       f"{name}.up", notes)
         base, up, down = (quantized.get(part) for part in ("base", "up", "down"))
         info["bits"] = recipe.quantize.bits
         info["group_size"] = {part: q.group_size for part, q in quantized.items()}
@@ -402,8 +402,15 @@ def compensate(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, s
     per_channel = Quantize(method="gptq" if quantizer and quantizer.method == "gptq" else "rtn", bits=stage.factor_bits,
                            group_size=0, symmetric=False)
     down = quantize(lowrank.down, gram, per_channel, "down", [])
-    down_q = down.dequantize(torch.float64)
-    return quantize(lowrank.up, down_q @ gram.double() @ down_q.T, per_channel, "up", []), down
+    return quantize(lowrank.up, factor_gram(down, gram, per_channel), per_channel, "up", []), down
+
+
+def factor_gram(down: QuantizedWeight, gram: torch.Tensor, stage: Quantize) -> torch.Tensor | None:
+    """The Gram of `up`'s input `down @ x`: down G down^T (down as quantized); None for RTN, which reads no Gram."""
+    if stage.method == "rtn":
+        return None
+    down = down.dequantize(torch.float64)
+    return down @ gram.double() @ down.T
 
 
 def factorize(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, rank: int,
@@ -422,8 +429,8 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | No
     return factorize_awsvd(weight, gram, rank), {}  # lorap's attention half
 
 
-def quantize(tensor: torch.Tensor, gram: torch.Tensor, stage: Quantize, name: str, notes: list[str]) -> QuantizedWeight:
-    """The stage's quantizer on one tensor (out, in) whose inputs have Gram `gram` (in, in)."""
+def quantize(tensor: torch.Tensor, gram: torch.Tensor | None, stage: Quantize, name: str, notes: list[str]) -> QuantizedWeight:
+    """The stage's quantizer on one tensor (out, in) whose inputs have Gram `gram` (in, in; RTN reads none)."""
     group_size = resolve_group_size(tensor.shape[1], stage.group_size)
     if stage.group_size and group_size != stage.group_size:
         notes.append(f"{name}: group size {stage.group_size} does not divide {tensor.shape[1]}, used {group_size}")
