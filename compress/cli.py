@@ -116,7 +116,7 @@ def run_compress(argv: list[str]) -> int:
     args = compress_parser().parse_args(argv)
     recipe = build_recipe(args)
     out = args.out or default_out(args.model, recipe)
-    if not args.resume:
+    if not args.resume or not (out.parent / f".{out.name}.partial").exists():
         check_out(out, args.overwrite)
     ppl_source = None if args.no_eval_ppl else (args.eval_ppl or ("demo" if args.model == "demo" else None))
     original = ppl_tokenizer = None

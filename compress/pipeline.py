@@ -180,8 +180,9 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     from compress.native import check_out, save_streamed
 
     out = Path(out)
-    if not resume:
-        check_out(out, overwrite)
+    work = out.parent / f".{out.name}.partial"
+    if not resume or not work.exists():
+        check_out(out, overwrite)  # resuming into an existing --out is fine: it is replaced only at the end
     directory = checkpoint_directory(model)
     empty = empty_model(directory)
     storage = empty.config.dtype if isinstance(empty.config.dtype, torch.dtype) else getattr(torch, str(empty.config.dtype))
@@ -192,7 +193,7 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
-    stream = Stream(Shards(directory), out.parent / f".{out.name}.partial", device, activation, storage, resume, overwrite)
+    stream = Stream(Shards(directory), work, device, activation, storage, resume, overwrite)
     compressed = compress_model(empty, recipe, calib, tokenizer, progress, stream=stream)
     compressed.base_model = compressed.report["base_model"] = model if model == "demo" else directory
     files = stream.write_outside(compressed.model, find_blocks(compressed.model)[0])

@@ -94,6 +94,10 @@ def test_resume_refuses_a_different_recipe(capsys, tiny_model_dir, tmp_path):
     (work / "run.json").write_text(json.dumps({"model": "something else"}))
     assert main(["--model", str(tiny_model_dir), "--wbits", "4", "--out", str(out), "--resume"] + FAST) == 2
     assert "different run" in capsys.readouterr().err and not out.exists()
+    done = tmp_path / "done"  # a finished output and no interrupted run: refused before any work
+    done.mkdir()
+    assert main(["--model", str(tiny_model_dir), "--wbits", "4", "--out", str(done), "--resume"] + FAST) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def broken_model_dir(tmp_path, demo_tokenizer, edit) -> str:
