@@ -109,14 +109,14 @@ def run_compress(argv: list[str]) -> int:
     from compress.models import load_model, resolve_model
     from compress.native import check_out, load_compressed, save_compressed
     from compress.pipeline import compress_model, compress_to_directory
-    from compress.streaming import has_shards
+    from compress.streaming import has_shards, work_directory
     from evaluations.perplexity import text_perplexity
     from evaluations.plots import plot_ranks
 
     args = compress_parser().parse_args(argv)
     recipe = build_recipe(args)
     out = args.out or default_out(args.model, recipe)
-    if not args.resume or not (out.parent / f".{out.name}.partial").exists():
+    if not args.resume or not work_directory(out).exists():
         check_out(out, args.overwrite)
     ppl_source = None if args.no_eval_ppl else (args.eval_ppl or ("demo" if args.model == "demo" else None))
     original = ppl_tokenizer = None

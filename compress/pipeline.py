@@ -29,7 +29,7 @@ from compress.quantize.gptq import quantize_gptq
 from compress.quantize.lrq import LRQConfig, quantize_block_lrq
 from compress.quantize.rtn import quantize_rtn
 from compress.recipe import Compensate, Factorize, Quantize, Recipe
-from compress.streaming import Shards, Stream, empty_model, has_shards
+from compress.streaming import Shards, Stream, empty_model, has_shards, work_directory
 import kernels
 from kernels.grid import QuantizedWeight, resolve_group_size
 
@@ -180,7 +180,7 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     from compress.native import check_out, save_streamed
 
     out = Path(out)
-    work = out.parent / f".{out.name}.partial"
+    work = work_directory(out)
     if not resume or not work.exists():
         check_out(out, overwrite)  # resuming into an existing --out is fine: it is replaced only at the end
     directory = checkpoint_directory(model)

@@ -105,6 +105,11 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
+def work_directory(out: Path) -> Path:
+    """Where a streamed run into `out` keeps its finished blocks until the output is complete."""
+    return out.parent / f".{out.name}.partial"
+
+
 def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
