@@ -1,8 +1,16 @@
-"""Linear algebra shared by the factorizations: damped Cholesky of a Gram matrix, whitened truncated SVD."""
+"""Linear algebra shared by the factorizations: damped Cholesky of a Gram matrix, whitened truncated SVD.
+
+An 8B model's down_proj reads 14336 channels: its float64 Gram, and every (n, n) matrix derived from it, is 1.5 GiB.
+The decompositions therefore work in place (`cholesky_`, `cholesky_inverse_`, `eigh_`): on the CPU through LAPACK
+(scipy), which overwrites its input, where torch.linalg would allocate the result beside it and, for eigh, a
+2 n^2 workspace too. Elsewhere (CUDA) they fall back to torch and copy the result back.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
 import torch
 
 
@@ -21,24 +29,82 @@ class LowRank:
         return self.up @ self.down
 
 
+def nonfinite_count(tensor: torch.Tensor, rows: int = 1024) -> int:
+    """How many entries are NaN or Inf, a block of rows at a time: torch.isfinite on a whole (n, n) float64 matrix
+    holds temporaries larger than the matrix."""
+    flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor[None]
+    return sum((~torch.isfinite(block)).sum().item() for block in flat.split(rows))
+
+
+def _lapack(matrix: torch.Tensor) -> np.ndarray | None:
+    """A Fortran-ordered numpy view of a contiguous float64 CPU tensor, or None where LAPACK cannot work in place.
+
+    The view is the tensor's transpose: for a symmetric matrix the same matrix, and a factor that LAPACK writes
+    into the view's lower (upper) triangle is the transpose of the one the tensor then holds in its upper (lower)."""
+    if matrix.device.type != "cpu" or matrix.dtype != torch.float64 or not matrix.is_contiguous():
+        return None
+    return matrix.detach().numpy().T
+
+
+def cholesky_(matrix: torch.Tensor, upper: bool = False) -> bool:
+    """Replace a symmetric positive definite float64 matrix by its Cholesky factor, in place: lower L with
+    L L^T = matrix, or upper U with U^T U = matrix; only that triangle is read. False (the matrix then holds
+    garbage) when it is not positive definite."""
+    view = _lapack(matrix)
+    if view is None:
+        factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
+        matrix.copy_(factor)
+        return info.item() == 0
+    _, info = scipy.linalg.lapack.dpotrf(view, lower=upper, clean=1, overwrite_a=1)
+    return info == 0
+
+
+def cholesky_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
+    """Replace a Cholesky factor (as `cholesky_` leaves it) by the inverse of the matrix it factors, in place.
+
+    The inverse is only guaranteed in the factor's triangle, which is the one a following `cholesky_` with the
+    same `upper` reads."""
+    view = _lapack(factor)
+    if view is None:
+        factor.copy_(torch.cholesky_inverse(factor, upper=upper))
+        return
+    _, info = scipy.linalg.lapack.dpotri(view, lower=upper, overwrite_c=1)
+    if info != 0:
+        raise torch.linalg.LinAlgError("cholesky_inverse_: the factor is singular")
+
+
+def eigh_(matrix: torch.Tensor) -> torch.Tensor:
+    """Eigendecomposition of a symmetric float64 matrix in place: returns the eigenvalues (ascending) and leaves
+    the matrix holding the eigenvectors as its rows (Q^T, where torch.linalg.eigh returns Q)."""
+    view = _lapack(matrix)
+    if view is None:
+        eigenvalues, vectors = torch.linalg.eigh(matrix)
+        matrix.copy_(vectors.T)
+        return eigenvalues
+    eigenvalues, vectors = scipy.linalg.eigh(view, driver="evd", overwrite_a=True, check_finite=False)
+    if not np.shares_memory(vectors, view):  # LAPACK wrote them in place in every scipy we know; be sure
+        view[...] = vectors
+    return torch.from_numpy(eigenvalues)
+
+
 def damped_cholesky(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor L of gram + damp*I (float64), L @ L.T = gram + damp*I, and the damp used.
 
     Tries no damping first, then 1e-8, 1e-7, ... times the mean diagonal; dead input channels
-    (zero diagonal) get the mean diagonal so that they cannot make the factor singular.
+    (zero diagonal) get the mean diagonal so that they cannot make the factor singular. Besides the Gram, one
+    (n, n) matrix is alive: the working copy that becomes the factor.
     """
-    gram = gram.to(torch.float64, copy=True)
+    gram = gram.double()
     diag = gram.diagonal()
     mean_diag = diag.mean().clamp(min=1e-12).item()
-    dead = diag <= 0
-    diag[dead] = mean_diag
-    undamped = diag.clone()
+    undamped = torch.where(diag <= 0, mean_diag, diag)
     for attempt in range(max_tries):
         damp = 0.0 if attempt == 0 else mean_diag * 10.0 ** (attempt - 9)
-        diag.copy_(undamped + damp)  # on the diagonal in place: no (n, n) identity or sum beside the Gram
-        factor, info = torch.linalg.cholesky_ex(gram)
-        if info.item() == 0:
+        factor = gram.clone()
+        factor.diagonal().copy_(undamped + damp)  # on the diagonal in place: no (n, n) identity or sum beside
+        if cholesky_(factor):
             return factor, damp
+        del factor
     raise torch.linalg.LinAlgError(f"Gram matrix is not positive definite even with damping {damp:.3g}")
 
 
@@ -55,14 +121,40 @@ def balanced_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return U * sqrt_s, sqrt_s[:, None] * Vh
 
 
-def whitened_lowrank(target: torch.Tensor, root: torch.Tensor, rank: int) -> LowRank:
-    """argmin over rank-r M of ||(target - M) R||_F for a lower-triangular root R (R R^T = gram).
+def top_left_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` left singular vectors and values (U_r, S_r) of a float64 (m, n) matrix.
 
-    SVD(target R) = U S V^T; up = U_r S_r^(1/2), down = S_r^(1/2) V_r^T R^(-1). With the Cholesky
-    factor of the input Gram this minimises the layer output error ||(target - M) X||_F (SVD-LLM).
+    A wide matrix (m <= n) goes through eigh(matrix matrix^T), (m, m): an SVD would hold three more (m, n)
+    arrays (1.5 GiB for an 8B down_proj) and compute V, which the callers do not need.
     """
-    up, down = balanced_svd(target.double() @ root, rank)
-    down = torch.linalg.solve_triangular(root, down, upper=False, left=False)
+    if matrix.shape[0] > matrix.shape[1]:
+        U, S, _ = truncated_svd(matrix, rank)
+        return U, S
+    eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T)
+    return vectors.flip(1)[:, :rank], eigenvalues.flip(0)[:rank].clamp(min=0).sqrt()
+
+
+def balanced_factors(U: torch.Tensor, S: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) = (U_r S_r^(1/2), S_r^(-1/2) projected) for projected = U_r^T T: the rank-r approximation U_r U_r^T T
+    split evenly, as balanced_svd splits it (S_r V_r^T = U_r^T T when U, S come from SVD(T)).
+
+    Singular values at the rounding level of the eigh (below S_0 sqrt(m eps)) are zero: their directions get zero
+    factors rather than a division by almost nothing.
+    """
+    kept = S > S[:1] * (len(U) * torch.finfo(torch.float64).eps) ** 0.5
+    sqrt_s = torch.where(kept, S, 1).sqrt()
+    return U * torch.where(kept, sqrt_s, 0), projected * torch.where(kept, 1 / sqrt_s, 0)[:, None]
+
+
+def whitened_lowrank(target: torch.Tensor, whitened: torch.Tensor, rank: int) -> LowRank:
+    """argmin over rank-r M of ||(target - M) R||_F, given whitened = target R for an invertible root R (R R^T = gram).
+
+    SVD(target R) = U S V^T; up = U_r S_r^(1/2), down = S_r^(1/2) V_r^T R^(-1) = S_r^(-1/2) U_r^T target (since
+    S_r V_r^T = U_r^T target R): no triangular solve, so callers free R before this. With the Cholesky factor of
+    the input Gram this minimises the layer output error ||(target - M) X||_F (SVD-LLM).
+    """
+    U, S = top_left_singular(whitened, rank)
+    up, down = balanced_factors(U, S, U.T @ target.double())
     return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))
 
 
@@ -70,28 +162,34 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(root = Q Lambda^(1/2) (n, n), inverse_lambda (n,)) float64, from eigh(gram) = Q Lambda Q^T.
 
     root @ root.T = gram, and (inverse_lambda[:, None] * root.T) = Lambda^(-1/2) Q^T is root's pseudo-inverse:
-    callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held.
+    callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held (`root` is the
+    transpose of a contiguous matrix: eigh_ works in place on a copy of the Gram).
     A truncated pseudo-inverse (as GPTQModel's EoRA): eigenvalues <= lambda_max * n * eps_fp32, negative
     ones included, count as zero, and both their square root and inverse are set to 0.
     """
-    gram = gram.double()
-    if not torch.isfinite(gram).all():
+    if nonfinite_count(gram):
         raise ValueError("eigen_root: the Gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
-    eigenvalues, root = torch.linalg.eigh(gram)
+    vectors = gram.to(torch.float64, copy=True)
+    eigenvalues = eigh_(vectors)
     if not torch.isfinite(eigenvalues).all():
-        raise ValueError("eigen_root: eigh of the Gram matrix returned non-finite eigenvalues")
+        raise ValueError("eigh of the Gram matrix returned non-finite eigenvalues")
     threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float32).eps
     kept = eigenvalues > threshold
     sqrt_lambda, inverse_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
     sqrt_lambda[kept] = eigenvalues[kept].sqrt()
     inverse_lambda[kept] = 1 / eigenvalues[kept]
-    return root.mul_(sqrt_lambda), inverse_lambda
+    return vectors.mul_(sqrt_lambda[:, None]).T, inverse_lambda
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """Relative layer output error ||(W - W') X||_F / ||W X||_F computed from the Gram X X^T."""
-    weight, error = weight.double(), weight.double() - approx.double()
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, rows: int = 512) -> float:
+    """Relative layer output error ||(W - W') X||_F / ||W X||_F computed from the Gram X X^T.
+
+    tr(E G E^T) is summed a block of rows at a time, so that no (out, in) float64 temporaries are held."""
     gram = gram.double()
-    num = torch.einsum("oi,ij,oj->", error, gram, error).clamp(min=0)
-    den = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=1e-30)
-    return (num / den).sqrt().item()
+    num = den = 0.0
+    for rows_w, rows_a in zip(weight.split(rows), approx.split(rows)):
+        rows_w = rows_w.double()
+        error = rows_w - rows_a.double()
+        num += ((error @ gram) * error).sum().item()
+        den += ((rows_w @ gram) * rows_w).sum().item()
+    return (max(num, 0.0) / max(den, 1e-30)) ** 0.5

@@ -21,7 +21,7 @@ from compress.factorize.saes_svd import factorize_saes
 from compress.factorize.svd import factorize_svd
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.layer import CompressedLinear
-from compress.linalg import LowRank, output_error
+from compress.linalg import LowRank, nonfinite_count, output_error
 from compress.models import DEMO_DIR, load_model, resolve_model
 from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
 from compress.quantize.cbq import CBQConfig, quantize_window_cbq, windows
@@ -132,7 +132,9 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         elif learning == "cbq" and index in window_at:
             pending.update(learn_cbq_window(blocks, targets, window_at[index], hidden, fp_hidden, block_kwargs, cbq))
         learned = pending.pop(index, {})
-        for name, linear in targets[index].items():  # each layer's statistics are dropped once it is done
+        names = list(targets[index])
+        for name in names:  # each layer's statistics, and its original weight, are dropped once it is done
+            linear = targets[index].pop(name)
             bias = None if linear.bias is None else linear.bias.detach().clone()
             given = learned.get(name) if bases is None else bases[name]
             layer, layers[name] = compress_linear(name, weights.pop(name), bias, grams.pop(name), stats.pop(name).cross,
@@ -147,7 +149,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         block_seconds.append(round(time.time() - block_start, 2))
         if stream:
             stream.finish(model, f"{prefix}.{index}", index, hidden, fp_hidden, {
-                "layers": {name: layers[name] for name in targets[index]}, "block_output_error": block_errors[-1],
+                "layers": {name: layers[name] for name in names}, "block_output_error": block_errors[-1],
                 "seconds": block_seconds[-1], "notes": notes[notes_before:],
                 "intermediate_size": model.config.intermediate_size if pruned else None})
 
@@ -224,7 +226,7 @@ def checkpoint_directory(model: str) -> str:
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Refuse NaN or Inf in calibration activations: every statistic and weight after it would be garbage."""
-    bad = (~torch.isfinite(tensor)).sum().item()
+    bad = nonfinite_count(tensor)
     if bad:
         raise CompressError(f"{what} hold {bad} NaN/Inf values (overflow in half precision? a broken checkpoint?); "
                             "nothing was written")
@@ -326,7 +328,7 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     """Factorize (rank given) and/or quantize one weight (out, in), or take a given base (someone else's dequantized
     weight, or one a block-level quantizer learned), then compensate; returns the layer and its report entry."""
     info: dict = {}
-    bad = (~torch.isfinite(weight)).sum().item()
+    bad = nonfinite_count(weight)
     if bad:
         raise CompressError(f"{name}: the weight holds {bad} NaN/Inf values; a broken checkpoint cannot be compressed")
     dead = (gram.diagonal() == 0).sum().item()
@@ -363,7 +365,7 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
         base = base.half()
     layer = CompressedLinear.from_parts(base, up, down, bias)
     approx = layer.weight_approx()
-    if not torch.isfinite(approx).all():
+    if nonfinite_count(approx):
         raise CompressError(f"{name}: the compressed weight is not finite (weights beyond the fp16 range of the scales, "
                             "or degenerate calibration statistics); nothing was written")
     info["relative_error"] = output_error(weight, approx, gram)

@@ -66,6 +66,16 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = values.shape
     padded = -(-cols // WORD) * WORD
     values = torch.nn.functional.pad(values.to(torch.int64), (0, padded - cols))
+    if WORD % bits == 0:  # no value straddles two words: shift each value to its offset in its word
+        shifts = torch.arange(0, WORD, bits, device=values.device)
+        return to_int32((values.reshape(rows, -1, WORD // bits) << shifts).sum(-1))
+    # 3 bits: through a bitstream, a few rows at a time (it holds `bits` int64 per value)
+    return torch.cat([pack_bitstream(chunk, bits) for chunk in values.split(256)])
+
+
+def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack() for any width: (rows, padded) int64 -> the words of the values' bits laid end to end."""
+    rows, padded = values.shape
     shifts = torch.arange(bits, device=values.device)
     bitstream = ((values.unsqueeze(-1) >> shifts) & 1).reshape(rows, padded * bits // WORD, WORD)
     return to_int32((bitstream << torch.arange(WORD, device=values.device)).sum(-1))

@@ -7,12 +7,14 @@ W - W_hat (EoRA's compensation: y = W_hat x + B (A x)); the same function serves
 """
 import torch
 
-from compress.linalg import LowRank, balanced_svd, eigen_root
+from compress.linalg import LowRank, balanced_factors, eigen_root, top_left_singular
 
 
 def factorize_eora(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
     """target (out, in) = W or W - W_hat, gram (in, in) -> LowRank(up = B (out, rank), down = A (rank, in))."""
     root, inverse_lambda = eigen_root(gram)
-    up, down = balanced_svd(target.double() @ root, rank)
-    down = (down * inverse_lambda) @ root.T  # A Q'^+ with Q'^+ = Lambda^(-1/2) Q^T = Lambda^-1 Q'^T
+    target64 = target.double()
+    U, S = top_left_singular(target64 @ root, rank)
+    # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T Q' (as S' V'^T = U'^T T Q'), then A = that times Q'^+ = Lambda^-1 Q'^T
+    up, down = balanced_factors(U, S, ((U.T @ target64) @ root * inverse_lambda) @ root.T)
     return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))

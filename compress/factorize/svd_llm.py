@@ -12,4 +12,6 @@ from compress.linalg import LowRank, damped_cholesky, whitened_lowrank
 def factorize_svd_llm(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[LowRank, float]:
     """weight (out, in), gram (in, in) -> (LowRank, damping that the Cholesky factor needed)."""
     root, damp = damped_cholesky(gram)
-    return whitened_lowrank(weight, root, rank), damp
+    whitened = weight.double() @ root
+    del root  # an (in, in) float64 matrix: 1.5 GiB for an 8B down_proj, not needed for the SVD
+    return whitened_lowrank(weight, whitened, rank), damp

@@ -27,9 +27,11 @@ the weight carries each column's group index `g_idx` (the GPTQ checkpoint conven
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from compress.linalg import cholesky_, cholesky_inverse_, nonfinite_count
 from kernels.grid import QuantizedWeight, dequantize, find_params, make_quantized, quantize_ints
 
 MAX_DAMP = 1.0  # the largest damping tried, as a fraction of the mean Hessian diagonal
@@ -69,28 +71,25 @@ class GPTQResult:
     info: GPTQInfo
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, bool]:
+def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float, bool]:
     """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), float64 (n, n).
 
-    When a factorisation fails, damp is raised x10 (to at most MAX_DAMP); returns (U, damp used, raised).
-    The damping goes onto `hessian`'s diagonal in place (float64 input: the caller's working copy), so that
-    besides it at most two (n, n) matrices are alive: an 8B model's down_proj has n = 14336, 1.5 GiB each.
+    hessian() builds a fresh float64 working copy of H, which is damped and turned into U in place (Cholesky,
+    inverse, Cholesky), so that besides the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has
+    n = 14336, 1.5 GiB each. When a factorisation fails, damp is raised x10 (to at most MAX_DAMP) on a new copy;
+    returns (U, damp used, raised).
     """
-    hessian = hessian.double()
-    diagonal = hessian.diagonal()
-    undamped = diagonal.clone()
-    mean_diag = undamped.mean().item()
     tried = damp
     while True:
-        diagonal.copy_(undamped + tried * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(hessian)
-        if info.item() == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, tried, tried != damp
+        work = hessian()
+        diagonal = work.diagonal()
+        mean_diag = diagonal.mean().item()
+        diagonal += tried * mean_diag
+        if cholesky_(work, upper=True):
+            cholesky_inverse_(work, upper=True)
+            if cholesky_(work, upper=True) and not nonfinite_count(work):
+                return work, tried, tried != damp
+        del work, diagonal
         if tried >= MAX_DAMP:
             raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {tried:g} x mean diagonal "
                              f"({mean_diag:.3g}); the calibration statistics are broken (too few or non-finite tokens?)")
@@ -110,27 +109,34 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         raise ValueError(f"GPTQ: group_size {group_size} does not divide in_features {cols} (use grid.resolve_group_size)")
     if damp < 0 or block_size <= 0:
         raise ValueError(f"GPTQ: damp must be >= 0 and block_size > 0, got damp={damp}, block_size={block_size}")
-    H = gram.to(device=weight.device, dtype=torch.float64, copy=True)
-    if not torch.isfinite(H).all():
+    if nonfinite_count(gram):
         raise ValueError("GPTQ: the gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
     W = weight.to(torch.float64, copy=True)
 
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
+    diagonal = gram.diagonal().to(W.device, torch.float64)
+    dead = diagonal == 0
     W[:, dead] = 0
 
     groups = cols // group_size
     if static_groups:
         static_scales, static_zeros = find_params(W, bits, group_size, symmetric)  # original column order
 
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
+    # dead inputs count as H_jj = 1 when ordering, as the reference sets them before its argsort
+    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if act_order else None
     if act_order:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, dead = W[:, perm], dead[perm]
 
-    Hinv, damp_used, damp_raised = inverse_hessian_factor(H, damp)
-    del H
+    def hessian() -> torch.Tensor:  # the working copy: permuted (one gather), dead diagonal set to 1
+        source = gram.to(W.device)
+        H = (source[perm[:, None], perm] if act_order else source).to(torch.float64, copy=True)
+        H.diagonal()[dead] = 1
+        return H
 
-    Q = torch.zeros_like(W)  # dequantized, processing order
+    Hinv, damp_used, damp_raised = inverse_hessian_factor(hessian, damp)
+    if not act_order:
+        perm = torch.arange(cols, device=W.device)
+
+    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # dequantized (grid values: exact), processing order
     ints = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # processing order
     scales = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(rows, groups, dtype=torch.int32, device=W.device)
@@ -172,7 +178,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
             g_idx = invperm // group_size  # original column j was processed at position invperm[j]
     info = GPTQInfo(damp=damp_used, damp_raised=damp_raised, loss=losses.sum().item(),
                     g_idx=g_idx if act_order and not static_groups and groups > 1 else None)
-    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q.float(), info=info)
+    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info)
 
 
 def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,

@@ -1,0 +1,90 @@
+"""The in-place decompositions that keep an 8B down_proj's (n, n) float64 matrices to one beside the Gram."""
+import pytest
+import torch
+
+from compress.linalg import cholesky_, cholesky_inverse_, eigh_, top_left_singular
+from compress.quantize.gptq import inverse_hessian_factor
+from kernels.grid import pack, pack_bitstream
+from tests.test_factorize import correlated_inputs
+
+
+def gram(n: int = 40, seed: int = 0) -> torch.Tensor:
+    x = correlated_inputs(n, 3 * n, seed)
+    return x.T @ x
+
+
+# float64 contiguous CPU tensors go through LAPACK in place; a float32 one takes torch's (copying) path
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("upper", [False, True])
+def test_cholesky_in_place(dtype, upper):
+    matrix = gram().to(dtype)
+    work = matrix.clone()
+    pointer = work.data_ptr()
+    assert cholesky_(work, upper=upper)
+    assert work.data_ptr() == pointer
+    expected = torch.linalg.cholesky(matrix.double(), upper=upper)
+    torch.testing.assert_close(work.double(), expected, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-4)
+    assert (work.triu(1) if not upper else work.tril(-1)).abs().max() == 0  # the other triangle is zeroed
+
+
+def test_cholesky_reports_an_indefinite_matrix():
+    matrix = gram()
+    matrix[5, 5] = -1.0
+    assert not cholesky_(matrix.clone())
+    assert not cholesky_(matrix.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inverse_hessian_factor_in_place_chain(dtype):
+    # GPTQ's chain: upper Cholesky factor U of (H + lambda I)^-1, U^T U = (H + lambda I)^-1
+    hessian = gram(32).to(dtype)
+    built = []
+
+    def build():
+        built.append(hessian.clone())
+        return built[-1]
+
+    upper, damp, raised = inverse_hessian_factor(build, 0.01)
+    assert not raised and upper.data_ptr() == built[-1].data_ptr()
+    damped = hessian.double() + 0.01 * hessian.double().diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    tolerance = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(damped), **tolerance)
+    assert upper.tril(-1).abs().max() == 0
+
+
+def test_cholesky_inverse_gives_the_inverse_in_the_factor_triangle():
+    matrix = gram(24)
+    work = matrix.clone()
+    cholesky_(work)
+    cholesky_inverse_(work)
+    torch.testing.assert_close(work.tril(), torch.linalg.inv(matrix).tril(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eigh_in_place_leaves_the_eigenvectors_as_rows(dtype):
+    matrix = gram(30).to(dtype)
+    work = matrix.clone()
+    pointer = work.data_ptr()
+    eigenvalues = eigh_(work)
+    assert work.data_ptr() == pointer
+    assert torch.all(eigenvalues[1:] >= eigenvalues[:-1])
+    vectors = work.T.double()  # columns
+    tolerance = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-8)
+    torch.testing.assert_close((vectors * eigenvalues.double()) @ vectors.T, matrix.double(), **tolerance)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(30, dtype=torch.float64), rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])
+def test_top_left_singular_matches_the_svd(shape):
+    matrix = correlated_inputs(shape[1], shape[0], seed=3)  # (rows, cols) with a decaying spectrum
+    U, S = top_left_singular(matrix, 6)
+    U_ref, S_ref, _ = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(S, S_ref[:6], rtol=1e-9, atol=0)
+    # singular vectors agree up to sign: compare the projectors
+    torch.testing.assert_close(U @ U.T, U_ref[:, :6] @ U_ref[:, :6].T, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_fast_path_equals_the_bitstream(bits):
+    values = torch.randint(0, 2**bits, (7, 96), generator=torch.Generator().manual_seed(bits))
+    torch.testing.assert_close(pack(values, bits), pack_bitstream(values.to(torch.int64), bits))
