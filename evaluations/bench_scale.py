@@ -85,11 +85,18 @@ def compress_once(model: Path, recipe_name: str, out: Path, nsamples: int, seqle
               "offload": offload, "seconds": round(seconds, 1), "block_seconds": blocks,
               "fixed_seconds": round(fixed, 1), "extrapolated_32_blocks_seconds": round(fixed + 32 * sum(blocks) / len(blocks), 1),
               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-              "bits_per_weight": round(report["bits_per_weight"], 3)}
+              "bits_per_weight": round(report["bits_per_weight"], 3), "commit": commit()}
     if torch.cuda.is_available():
         record["gpu"] = torch.cuda.get_device_name()
         record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return record
+
+
+def commit() -> str | None:
+    """The code's git commit (None outside a checkout): results.json keeps the figures of every run."""
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    return run.stdout.strip() or None
 
 
 def main(argv: list[str] | None = None) -> None:
