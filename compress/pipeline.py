@@ -87,7 +87,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     notes = calibration_notes(input_ids)
     cross = recipe.factorize is not None and recipe.factorize.method == "saes-svd"
     learning = recipe.quantize.method if recipe.quantize and recipe.quantize.method in ("lrq", "cbq") else None
-    resumed = stream.start(input_ids, recipe, len(blocks), learning) if stream else 0
+    resumed = stream.start(input_ids, recipe, len(blocks)) if stream else 0
 
     if stream:
         stream.fill_outside(model, prefix)
@@ -98,14 +98,14 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         stream.release_outside(model, prefix)
         hidden, block_kwargs = stream.place(hidden, block_kwargs)
     fp_hidden = hidden  # the full-precision stream, beside the compressed one
+    pending: dict[int, dict[str, QuantizedWeight]] = {}  # CBQ: blocks learnt in a window, not yet replaced
     if resumed:
-        hidden, fp_hidden = stream.checkpoints.streams(resumed - 1)
+        hidden, fp_hidden, pending = stream.carried(resumed - 1)
     check_finite(hidden, "the calibration inputs of the first block")
     layers, block_errors, block_seconds = {}, [], []
     if learning == "cbq":
         cbq = cbq_config(recipe.quantize)
         window_at = {window.start: window for window in windows(len(blocks), cbq.window, cbq.overlap)}
-    pending: dict[int, dict[str, QuantizedWeight]] = {}  # CBQ: blocks learnt in a window, not yet replaced
     for index, block in enumerate(tqdm(blocks, desc="compressing", unit="block", disable=not progress)):
         if index < resumed:  # finished by the interrupted run: its record, and its layers' shapes on meta
             record = stream.restore(model, index)
@@ -151,7 +151,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             stream.finish(model, f"{prefix}.{index}", index, hidden, fp_hidden, {
                 "layers": {name: layers[name] for name in names}, "block_output_error": block_errors[-1],
                 "seconds": block_seconds[-1], "notes": notes[notes_before:],
-                "intermediate_size": model.config.intermediate_size if pruned else None})
+                "intermediate_size": model.config.intermediate_size if pruned else None}, pending)
 
     stored = sum(model.get_submodule(name).stored_bits() for name in layers)
     dense = sum(out * inp for out, inp in shapes.values())

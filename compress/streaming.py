@@ -22,6 +22,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.native import sha256
+from kernels.grid import QuantizedWeight
 
 INDEX = "model.safetensors.index.json"
 RUN = "run.json"
@@ -150,17 +151,16 @@ class Checkpoints:
     def record(self, index: int) -> dict:
         return json.loads((self.work / f"block-{index:05d}.json").read_text())
 
-    def streams(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compressed and full-precision streams after block `index`."""
-        tensors = load_file(self.work / f"streams-{index:05d}.safetensors")
-        return tensors["hidden"], tensors["fp_hidden"]
+    def streams(self, index: int) -> dict[str, torch.Tensor]:
+        """What the run carries past block `index`: the compressed and full-precision streams ("hidden",
+        "fp_hidden") and any learned weights of later blocks ("pending.*")."""
+        return load_file(self.work / f"streams-{index:05d}.safetensors")
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict, hidden: torch.Tensor,
-             fp_hidden: torch.Tensor) -> None:
+    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict, carried: dict[str, torch.Tensor]) -> None:
         name = shard_name(index, self.blocks + 1)
         write_atomic(self.work / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        write_atomic(self.work / f"streams-{index:05d}.safetensors",
-                     lambda tmp: save_file({"hidden": hidden.contiguous(), "fp_hidden": fp_hidden.contiguous()}, tmp))
+        carried = {key: tensor.contiguous() for key, tensor in carried.items()}
+        write_atomic(self.work / f"streams-{index:05d}.safetensors", lambda tmp: save_file(carried, tmp))
         record = {**record, "file": {name: file_entry(self.work / name)}}
         write_atomic(self.work / f"block-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
         (self.work / f"streams-{index - 1:05d}.safetensors").unlink(missing_ok=True)
@@ -193,14 +193,11 @@ class Stream:
     def weight(self, name: str) -> torch.Tensor:
         return self.shards.get(f"{name}.weight")
 
-    def start(self, input_ids: torch.Tensor, recipe, blocks: int, learning: str | None) -> int:
+    def start(self, input_ids: torch.Tensor, recipe, blocks: int) -> int:
         """Open the work directory; the number of blocks an interrupted run already finished."""
         run = fingerprint(str(self.shards.directory), recipe.to_dict(), input_ids, blocks)
         self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite)
-        finished = self.checkpoints.finished()
-        if finished and learning == "cbq":
-            raise CompressError("cannot resume a CBQ run: its windows span blocks; pass --overwrite to start over")
-        return finished
+        return self.checkpoints.finished()
 
     def fill_outside(self, model: nn.Module, prefix: str) -> None:
         """Fill what runs before the blocks (embeddings); the output head stays on meta."""
@@ -231,8 +228,9 @@ class Stream:
             self.shards.fill(block, f"{prefix}.", torch.float32, self.device)
 
     def finish(self, model: nn.Module, prefix: str, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor,
-               record: dict) -> None:
-        """Write the finished block (compressed layers as they are, the rest in the storage dtype) and free it."""
+               record: dict, pending: dict[int, dict[str, QuantizedWeight]] | None = None) -> None:
+        """Write the finished block (compressed layers as they are, the rest in the storage dtype) and free it,
+        with the streams and `pending`: weights of later blocks already learned (a CBQ window), {block: {name: weight}}."""
         from compress.layer import CompressedLinear
 
         block = model.get_submodule(prefix)
@@ -244,9 +242,28 @@ class Stream:
             key = f"{prefix}.{key}"
             cast = tensor.is_floating_point() and not key.startswith(keep)
             tensors[key] = (tensor.to(self.storage_dtype) if cast else tensor).detach().cpu().contiguous()
-        record = {**record, "specs": {name: module.spec() for name, module in compressed.items()}}
-        self.checkpoints.save(index, tensors, record, hidden, fp_hidden)
+        carried = {"hidden": hidden, "fp_hidden": fp_hidden}
+        specs = {}
+        for later, layers in (pending or {}).items():
+            for name, quantized in layers.items():
+                specs.setdefault(str(later), {})[name] = {"bits": quantized.bits, "group_size": quantized.group_size,
+                                                          "shape": list(quantized.shape)}
+                carried.update({f"pending.{later}.{name}.{key}": t for key, t in quantized.tensors().items()})
+        record = {**record, "specs": {name: module.spec() for name, module in compressed.items()}, "pending": specs}
+        self.checkpoints.save(index, tensors, record, carried)
         block.to("meta")
+
+    def carried(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, dict[str, QuantizedWeight]]]:
+        """What an interrupted run carried past its last finished block `index`: (hidden, fp_hidden, pending)."""
+        tensors = self.checkpoints.streams(index)
+        pending: dict[int, dict[str, QuantizedWeight]] = {}
+        for later, layers in self.checkpoints.record(index).get("pending", {}).items():
+            for name, spec in layers.items():
+                key = f"pending.{later}.{name}."
+                pending.setdefault(int(later), {})[name] = QuantizedWeight(
+                    tensors[key + "qweight"], tensors[key + "scales"], tensors.get(key + "qzeros"), spec["bits"],
+                    spec["group_size"], tuple(spec["shape"]), tensors.get(key + "g_idx"))
+        return tensors["hidden"], tensors["fp_hidden"], pending
 
     def restore(self, model: nn.Module, index: int) -> dict:
         """A block finished by an earlier run: its record, and its compressed layers' shapes put on meta."""

@@ -87,6 +87,23 @@ def test_resume_after_sigkill_writes_identical_files(tiny_model_dir, tmp_path):
     assert output_files(out) == output_files(tmp_path / "whole")
 
 
+def test_cbq_resumes_inside_a_window_with_the_weights_it_learned(tiny_model_dir, tmp_path):
+    # The tiny model's two blocks form one CBQ window: a kill in block 1 loses nothing learned, since block 0's
+    # checkpoint carries block 1's learned weights; the resumed run must not learn them again.
+    args = ["--model", str(tiny_model_dir), "--wbits", "4", "--quantize", "cbq", "--iterations", "3"] + FAST
+    whole = run_killer(0, args + ["--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "resumed"
+    killed = run_killer(9, args + ["--out", str(out)])  # the 2nd layer of block 1
+    assert killed.returncode == -9 and (tmp_path / ".resumed.partial" / "block-00000.json").exists()
+    record = json.loads((tmp_path / ".resumed.partial" / "block-00000.json").read_text())
+    assert set(record["pending"]) == {"1"} and len(record["pending"]["1"]) == 7
+    resumed = run_killer(0, args + ["--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "layers compressed: 7" in resumed.stdout
+    assert output_files(out) == output_files(tmp_path / "whole")
+
+
 def test_resume_refuses_a_different_recipe(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "o"
     work = tmp_path / ".o.partial"
