@@ -23,6 +23,23 @@ class GramAccumulator:
             self.cross.addmm_((x_fp.reshape(x.shape).to(x) - x).T, x)
         self.count += x.shape[0]
 
+    def finish(self) -> "GramAccumulator":
+        """Make the Gram exactly symmetric (GEMM sums may differ from their transpose in the last bit), which lets
+        the eigensolver use one triangle as its workspace and restore it (compress.linalg.eigh_)."""
+        symmetrize_(self.gram)
+        return self
+
+
+def symmetrize_(matrix: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Copy the lower triangle onto the upper one, in place, a block of rows at a time."""
+    n = len(matrix)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        matrix[start:stop, stop:] = matrix[stop:, start:stop].T
+        block = matrix[start:stop, start:stop]
+        block.copy_(block.tril() + block.tril(-1).T)
+    return matrix
+
 
 @contextmanager
 def record_grams(linears: dict[str, nn.Module]):
@@ -35,6 +52,8 @@ def record_grams(linears: dict[str, nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+        for accumulator in grams.values():
+            accumulator.finish()
 
 
 @torch.no_grad()
@@ -80,6 +99,8 @@ def paired_statistics(block: nn.Module, linears: dict[str, nn.Module], hidden: t
     finally:
         for handle in handles:
             handle.remove()
+    for accumulator in {id(acc): acc for acc in stats.values()}.values():
+        accumulator.finish()
     return stats, torch.cat(fp_outputs)
 
 

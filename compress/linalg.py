@@ -13,6 +13,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from calibration.capture import symmetrize_
+
 
 @dataclass(frozen=True)
 class LowRank:
@@ -73,18 +75,25 @@ def cholesky_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
         raise torch.linalg.LinAlgError("cholesky_inverse_: the factor is singular")
 
 
-def eigh_(matrix: torch.Tensor) -> torch.Tensor:
-    """Eigendecomposition of a symmetric float64 matrix in place: returns the eigenvalues (ascending) and leaves
-    the matrix holding the eigenvectors as its rows (Q^T, where torch.linalg.eigh returns Q)."""
+def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a symmetric float64 matrix with one (n, n) allocation, the eigenvectors: (eigenvalues ascending, Q).
+
+    On the CPU, LAPACK's syevr (O(n) workspace) reads and destroys the upper triangle and diagonal of `matrix`,
+    which are then restored from the intact lower triangle and a saved diagonal: exactly, if the matrix was
+    exactly symmetric (see `symmetrize_`); otherwise it works on a copy. torch.linalg.eigh would hold the
+    eigenvectors, a copy and syevd's 2 n^2 workspace beside the matrix (6 GiB for an 8B down_proj Gram).
+    """
     view = _lapack(matrix)
     if view is None:
-        eigenvalues, vectors = torch.linalg.eigh(matrix)
-        matrix.copy_(vectors.T)
-        return eigenvalues
-    eigenvalues, vectors = scipy.linalg.eigh(view, driver="evd", overwrite_a=True, check_finite=False)
-    if not np.shares_memory(vectors, view):  # LAPACK wrote them in place in every scipy we know; be sure
-        view[...] = vectors
-    return torch.from_numpy(eigenvalues)
+        return torch.linalg.eigh(matrix)
+    symmetric = all(torch.equal(matrix[start:start + 1024, :], matrix[:, start:start + 1024].T)
+                    for start in range(0, len(matrix), 1024))
+    if not symmetric:
+        return eigh_(symmetrize_(matrix.clone()))
+    diagonal = matrix.diagonal().clone()
+    eigenvalues, vectors = scipy.linalg.eigh(view, driver="evr", lower=True, overwrite_a=True, check_finite=False)
+    symmetrize_(matrix).diagonal().copy_(diagonal)
+    return torch.from_numpy(eigenvalues), torch.from_numpy(vectors)
 
 
 def damped_cholesky(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tensor, float]:
@@ -122,16 +131,17 @@ def balanced_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
 
 
 def top_left_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-`rank` left singular vectors and values (U_r, S_r) of a float64 (m, n) matrix.
+    """The top-`rank` left singular vectors and values (U_r, S_r) of a float64 (m, n) matrix, without the full SVD,
+    which holds three more (m, n) arrays (1.5 GiB for an 8B MLP projection) and computes what callers drop.
 
-    A wide matrix (m <= n) goes through eigh(matrix matrix^T), (m, m): an SVD would hold three more (m, n)
-    arrays (1.5 GiB for an 8B down_proj) and compute V, which the callers do not need.
+    Wide (m <= n): eigh(matrix matrix^T), (m, m). Tall: R of a QR, SVD(R) = U_R S V^T, and U_r = matrix V_r / S_r.
     """
-    if matrix.shape[0] > matrix.shape[1]:
-        U, S, _ = truncated_svd(matrix, rank)
-        return U, S
-    eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T)
-    return vectors.flip(1)[:, :rank], eigenvalues.flip(0)[:rank].clamp(min=0).sqrt()
+    if matrix.shape[0] <= matrix.shape[1]:
+        eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        return vectors.flip(1)[:, :rank], eigenvalues.flip(0)[:rank].clamp(min=0).sqrt()
+    _, S, Vh = torch.linalg.svd(torch.linalg.qr(matrix, mode="r").R)
+    S, Vh = S[:rank], Vh[:rank]
+    return (matrix @ Vh.T) / torch.where(S > 0, S, 1), S
 
 
 def balanced_factors(U: torch.Tensor, S: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,15 +172,13 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(root = Q Lambda^(1/2) (n, n), inverse_lambda (n,)) float64, from eigh(gram) = Q Lambda Q^T.
 
     root @ root.T = gram, and (inverse_lambda[:, None] * root.T) = Lambda^(-1/2) Q^T is root's pseudo-inverse:
-    callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held (`root` is the
-    transpose of a contiguous matrix: eigh_ works in place on a copy of the Gram).
+    callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held (see `eigh_`).
     A truncated pseudo-inverse (as GPTQModel's EoRA): eigenvalues <= lambda_max * n * eps_fp32, negative
     ones included, count as zero, and both their square root and inverse are set to 0.
     """
     if nonfinite_count(gram):
         raise ValueError("eigen_root: the Gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
-    vectors = gram.to(torch.float64, copy=True)
-    eigenvalues = eigh_(vectors)
+    eigenvalues, root = eigh_(gram.double())
     if not torch.isfinite(eigenvalues).all():
         raise ValueError("eigh of the Gram matrix returned non-finite eigenvalues")
     threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float32).eps
@@ -178,7 +186,7 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sqrt_lambda, inverse_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
     sqrt_lambda[kept] = eigenvalues[kept].sqrt()
     inverse_lambda[kept] = 1 / eigenvalues[kept]
-    return vectors.mul_(sqrt_lambda[:, None]).T, inverse_lambda
+    return root.mul_(sqrt_lambda), inverse_lambda
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, rows: int = 512) -> float:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from compress.linalg import cholesky_, cholesky_inverse_, eigh_, top_left_singular
+from compress.linalg import cholesky_, cholesky_inverse_, eigh_, symmetrize_, top_left_singular
 from compress.quantize.gptq import inverse_hessian_factor
 from kernels.grid import pack, pack_bitstream
 from tests.test_factorize import correlated_inputs
@@ -61,17 +61,27 @@ def test_cholesky_inverse_gives_the_inverse_in_the_factor_triangle():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_eigh_in_place_leaves_the_eigenvectors_as_rows(dtype):
+@pytest.mark.parametrize("exactly_symmetric", [True, False])
+def test_eigh_uses_the_matrix_as_workspace_and_restores_it(dtype, exactly_symmetric):
     matrix = gram(30).to(dtype)
-    work = matrix.clone()
-    pointer = work.data_ptr()
-    eigenvalues = eigh_(work)
-    assert work.data_ptr() == pointer
+    if not exactly_symmetric:  # one bit off across the diagonal, as a GEMM-summed Gram may be: worked on a copy
+        matrix[3, 7] = torch.nextafter(matrix[3, 7], torch.tensor(float("inf"), dtype=dtype))
+    original = matrix.clone()
+    eigenvalues, vectors = eigh_(matrix)
+    assert torch.equal(matrix, original)  # bit for bit
     assert torch.all(eigenvalues[1:] >= eigenvalues[:-1])
-    vectors = work.T.double()  # columns
+    vectors = vectors.double()  # columns
     tolerance = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-8)
-    torch.testing.assert_close((vectors * eigenvalues.double()) @ vectors.T, matrix.double(), **tolerance)
-    torch.testing.assert_close(vectors.T @ vectors, torch.eye(30, dtype=torch.float64), rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
+    torch.testing.assert_close((vectors * eigenvalues.double()) @ vectors.T, original.double(), **tolerance)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(30, dtype=torch.float64), rtol=0,
+                               atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_symmetrize_copies_the_lower_triangle_up():
+    matrix = torch.randn(2500, 2500, dtype=torch.float64)  # more rows than one block
+    lower = matrix.tril()
+    symmetrize_(matrix, rows=1024)
+    assert torch.equal(matrix.tril(), lower) and torch.equal(matrix, matrix.T)
 
 
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])

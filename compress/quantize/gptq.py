@@ -166,7 +166,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
             losses += err.squeeze(1) ** 2 / 2
             W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
             Err1[:, i:i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (out, in) temporary
 
     if static_groups:
         scales, zeros = static_scales, static_zeros
