@@ -355,8 +355,7 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
         info["bits"] = recipe.quantize.bits
         info["group_size"] = {part: q.group_size for part, q in quantized.items()}
     if recipe.compensate:
-        approx = base.dequantize() if isinstance(base, QuantizedWeight) else base
-        up, down = compensate(weight, approx, gram, recipe.compensate, recipe.quantize)
+        up, down = compensate(weight, base, gram, recipe.compensate, recipe.quantize)
         info["rank"] = down.shape[0]
     # Dense parts are stored in fp16: cast now so that the model in memory is the one written. A given base
     # stays exact: it stands for someone else's quantized tensors, which are kept as they are.
@@ -394,10 +393,10 @@ def lrq_config(stage: Quantize) -> LRQConfig:
                      iterations=stage.iterations, lr=stage.lr, seed=stage.seed)
 
 
-def compensate(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, stage: Compensate,
+def compensate(weight: torch.Tensor, base: torch.Tensor | QuantizedWeight, gram: torch.Tensor, stage: Compensate,
                quantizer: Quantize | None):
-    """Low-rank factors (up, down) of the error weight - approx; quantized per output channel when asked."""
-    error = weight.float() - approx.float()
+    """Low-rank factors (up, down) of the error weight - base; quantized per output channel when asked."""
+    error = weight.float() - (base.dequantize() if isinstance(base, QuantizedWeight) else base.float())
     rank = min(stage.rank, *error.shape)
     lowrank = factorize_svd(error, rank) if stage.method == "lorc" else factorize_eora(error, gram, rank)
     if stage.factor_bits is None:

@@ -13,8 +13,8 @@ from compress.linalg import LowRank, balanced_factors, eigen_root, top_left_sing
 def factorize_eora(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
     """target (out, in) = W or W - W_hat, gram (in, in) -> LowRank(up = B (out, rank), down = A (rank, in))."""
     root, inverse_lambda = eigen_root(gram)
-    target64 = target.double()
-    U, S = top_left_singular(target64 @ root, rank)
+    # target.double() only as temporaries: an 8B down_proj's is 0.45 GiB, next to two (in, in) float64 matrices
+    U, S = top_left_singular(target.double() @ root, rank)
     # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T Q' (as S' V'^T = U'^T T Q'), then A = that times Q'^+ = Lambda^-1 Q'^T
-    up, down = balanced_factors(U, S, ((U.T @ target64) @ root * inverse_lambda) @ root.T)
+    up, down = balanced_factors(U, S, ((U.T @ target.double()) @ root * inverse_lambda) @ root.T)
     return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))
