@@ -125,9 +125,8 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 def balanced_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` SVD of a float64 (m, n) matrix split evenly: (U_r S_r^(1/2) (m, r), S_r^(1/2) V_r^T (r, n))."""
-    U, S, Vh = truncated_svd(matrix, rank)
-    sqrt_s = S.sqrt()
-    return U * sqrt_s, sqrt_s[:, None] * Vh
+    U, S = top_left_singular(matrix, rank)
+    return balanced_factors(U, S, U.T @ matrix)
 
 
 def top_left_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +145,7 @@ def top_left_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
 
 def balanced_factors(U: torch.Tensor, S: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) = (U_r S_r^(1/2), S_r^(-1/2) projected) for projected = U_r^T T: the rank-r approximation U_r U_r^T T
-    split evenly, as balanced_svd splits it (S_r V_r^T = U_r^T T when U, S come from SVD(T)).
+    split evenly (S_r V_r^T = U_r^T T when U, S come from SVD(T): then this is `balanced_svd(T)`).
 
     Singular values at the rounding level of the eigh (below S_0 sqrt(m eps)) are zero: their directions get zero
     factors rather than a division by almost nothing.
