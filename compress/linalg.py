@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from calibration.capture import symmetrize_
@@ -57,6 +56,8 @@ def cholesky_(matrix: torch.Tensor, upper: bool = False) -> bool:
         factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
         matrix.copy_(factor)
         return info.item() == 0
+    import scipy.linalg  # here, not at the top: the CUDA path needs no scipy (the GPU machines may lack it)
+
     _, info = scipy.linalg.lapack.dpotrf(view, lower=upper, clean=1, overwrite_a=1)
     return info == 0
 
@@ -70,6 +71,8 @@ def cholesky_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
     if view is None:
         factor.copy_(torch.cholesky_inverse(factor, upper=upper))
         return
+    import scipy.linalg
+
     _, info = scipy.linalg.lapack.dpotri(view, lower=upper, overwrite_c=1)
     if info != 0:
         raise torch.linalg.LinAlgError("cholesky_inverse_: the factor is singular")
@@ -90,6 +93,8 @@ def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     for start in range(0, len(matrix), 1024))
     if not symmetric:
         return eigh_(symmetrize_(matrix.clone()))
+    import scipy.linalg
+
     diagonal = matrix.diagonal().clone()
     eigenvalues, vectors = scipy.linalg.eigh(view, driver="evr", lower=True, overwrite_a=True, check_finite=False)
     symmetrize_(matrix).diagonal().copy_(diagonal)

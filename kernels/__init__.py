@@ -1,7 +1,8 @@
-"""Matmul kernels for the compressed layer `W ~= base + up @ down`, and the one point that picks which runs.
+"""Kernels, and the points that pick which runs: Triton for CUDA tensors, the pure-torch reference (kernels.reference)
+for CPU tensors.
 
-`lowrank_linear` is that point: CUDA tensors take the Triton kernels (kernels.fused_matmul for prefill,
-kernels.splitk_matmul for decode), CPU tensors the pure-torch reference (kernels.reference).
+`lowrank_linear`: the compressed layer `W ~= base + up @ down` (kernels.fused_matmul for prefill,
+kernels.splitk_matmul for decode). `gptq_block`: one block of GPTQ's column loop (kernels.gptq_triton).
 COMPRESS_KERNELS=reference forces the reference everywhere (for debugging); COMPRESS_KERNELS=triton forces
 the kernels, which on a CPU needs TRITON_INTERPRET=1 set before they are first used.
 """
@@ -13,9 +14,9 @@ from contextlib import contextmanager
 import torch
 
 from kernels.grid import QuantizedWeight
-from kernels.reference import Operand, lowrank_linear_reference
+from kernels.reference import Operand, gptq_block_reference, lowrank_linear_reference
 
-__all__ = ["QuantizedWeight", "lowrank_linear", "lowrank_linear_triton"]
+__all__ = ["QuantizedWeight", "gptq_block", "lowrank_linear", "lowrank_linear_triton"]
 
 KERNELS_ENV = "COMPRESS_KERNELS"
 CHOICES = ("auto", "reference", "triton")
@@ -36,9 +37,10 @@ def forced(choice: str):
         _forced.pop()
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """The choice of path: `forced`, else COMPRESS_KERNELS when it names one, else Triton exactly for CUDA tensors."""
-    choice = _forced[-1] if _forced else os.environ.get(KERNELS_ENV, "auto")
+def use_triton(x: torch.Tensor, obey_forced: bool = True) -> bool:
+    """The choice of path: `forced` (unless obey_forced is False), else COMPRESS_KERNELS when it names one, else
+    Triton exactly for CUDA tensors."""
+    choice = _forced[-1] if _forced and obey_forced else os.environ.get(KERNELS_ENV, "auto")
     if choice not in CHOICES:
         raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(CHOICES)}, got '{choice}'")
     return choice == "triton" or (choice == "auto" and x.is_cuda)
@@ -70,3 +72,16 @@ def lowrank_linear_triton(x: torch.Tensor, base: Operand, up: Operand, down: Ope
         t = splitk_matmul(rows, down, out_dtype=torch.float32) if decode else fused_matmul(rows, down)
         y = matmul(t.to(x.dtype), up, bias=bias) if base is None else matmul(rows, base, t, up, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def gptq_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch point for one block of GPTQ's column loop (see kernels.reference.gptq_block_reference).
+
+    `forced` does not apply: it pins the matmul that propagates calibration activations, and both GPTQ paths give
+    the same bits."""
+    if use_triton(W1, obey_forced=False):
+        from kernels.gptq_triton import gptq_block_triton
+
+        return gptq_block_triton(W1, Hinv1, scale, zero, bits)
+    return gptq_block_reference(W1, Hinv1, scale, zero, bits)

@@ -119,3 +119,47 @@ def test_forced_choice_overrides_the_environment_and_nests(monkeypatch):
             assert kernels.use_triton(x)
         assert not kernels.use_triton(x)
     assert kernels.use_triton(x)
+
+
+def gptq_block_inputs(rows: int, cols: int, bits: int, g: torch.Generator):
+    """A GPTQ block as run_gptq hands it over: W1 a strided slice of W, Hinv1 the diagonal block of the upper
+    Cholesky factor of a real inverse Hessian, a grid per column; column 0 holds exact ties of the rounding."""
+    x = torch.randn(4 * cols, cols + 8, generator=g, dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.linalg.inv(x.T @ x + torch.eye(cols + 8, dtype=torch.float64)), upper=True)
+    W = torch.randn(rows, cols + 8, generator=g, dtype=torch.float64)
+    scale = (torch.rand(rows, cols, generator=g) * 0.3 + 0.05).half().float()
+    zero = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.int32)
+    zero[:, 0] = 2 ** (bits - 1)
+    W[:, 4] = scale[:, 0].double() * (torch.randint(0, 2, (rows,), generator=g) - 0.5)  # +-0.5 steps: ties to 0
+    return W[:, 4:4 + cols], upper[4:4 + cols, 4:4 + cols], scale, zero
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows, cols", [(37, 64), (16, 40), (5, 128)])
+def test_gptq_block_kernel_gives_the_references_bits(bits, rows, cols):
+    from kernels.gptq_triton import gptq_block_triton
+    from kernels.reference import gptq_block_reference
+
+    W1, Hinv1, scale, zero = gptq_block_inputs(rows, cols, bits, torch.Generator().manual_seed(bits * cols))
+    before = W1.clone()
+    expected = gptq_block_reference(W1, Hinv1, scale, zero, bits)
+    got = gptq_block_triton(W1, Hinv1, scale, zero, bits)
+    assert torch.equal(W1, before)
+    assert torch.equal(expected[0][:, 0], zero[:, 0])  # the ties went to the even integer, 0
+    for name, a, b in zip(("ints", "Q", "Err1", "losses"), got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_gptq_runs_its_blocks_through_the_kernel_with_the_same_result(monkeypatch):
+    from compress.quantize.gptq import run_gptq
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 96, generator=g, dtype=torch.float64)
+    gram, weight = x.T @ x, torch.randn(24, 96, generator=g)
+    results = {}
+    for path in ("reference", "triton"):
+        monkeypatch.setenv(kernels.KERNELS_ENV, path)
+        with kernels.forced("reference"):  # the pipeline's pin on the matmul path does not reach GPTQ
+            results[path] = run_gptq(weight, gram, 3, 24, symmetric=False, act_order=True, block_size=32)
+    for field in ("ints", "scales", "zeros", "g_idx", "dequantized"):
+        assert torch.equal(getattr(results["triton"], field), getattr(results["reference"], field)), field

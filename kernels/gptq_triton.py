@@ -1,0 +1,77 @@
+"""One block of GPTQ's column loop in one launch: the Triton twin of kernels.reference.gptq_block_reference.
+
+The reference loop issues about ten small torch operations per column: an 8B model has about 40k columns per
+decoder block, so on a GPU its time is kernel launches. Here each program holds a tile of rows of the block
+(BLOCK_R, B) in registers and walks the B columns itself; rows are independent, so no program waits on another.
+The arithmetic is the reference's, operation for operation (IEEE division, round half to even, no fused
+multiply-add), so both paths give the same bits.
+
+Import this module only when the kernel is to run: `triton.jit` reads TRITON_INTERPRET when it decorates.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_R = 16  # rows per program: a (16, 128) float64 tile and its outputs fit in the registers of 4 warps
+
+
+@triton.jit
+def round_half_even(x):
+    """torch.round of float32 values: to the nearest integer, ties to the even one (x - floor(x) is exact)."""
+    down = tl.floor(x)
+    fraction = x - down
+    odd = (down - 2.0 * tl.floor(down * 0.5)) != 0.0
+    return tl.where((fraction > 0.5) | ((fraction == 0.5) & odd), down + 1.0, down)
+
+
+@triton.jit
+def gptq_block_kernel(w_ptr, h_ptr, scale_ptr, zero_ptr, ints_ptr, q_ptr, err_ptr, loss_ptr,
+                      rows, cols, stride_w_row, stride_w_col, stride_h_row, stride_h_col,
+                      BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    col = tl.arange(0, BLOCK_C)[None, :]
+    mask = (row < rows) & (col < cols)
+    W = tl.load(w_ptr + row * stride_w_row + col * stride_w_col, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + row * cols + col, mask=mask, other=1.0)
+    zero = tl.load(zero_ptr + row * cols + col, mask=mask, other=0)
+    ints = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+    Q = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    Err = tl.zeros((BLOCK_R, BLOCK_C), dtype=W.dtype)
+    loss = tl.sum(tl.zeros((BLOCK_R, BLOCK_C), dtype=W.dtype), axis=1)
+    for i in range(0, cols):
+        here = col == i
+        w = tl.sum(tl.where(here, W, 0.0), axis=1)  # column i: one term, exact
+        s = tl.sum(tl.where(here, scale, 0.0), axis=1)
+        z = tl.sum(tl.where(here, zero, 0), axis=1)
+        q_int = tl.minimum(tl.maximum(round_half_even(tl.div_rn(w.to(tl.float32), s)) + z.to(tl.float32), 0.0),
+                           2**BITS - 1).to(tl.int32)
+        q = (q_int - z).to(tl.float32) * s
+        err = (w - q.to(W.dtype)) / tl.load(h_ptr + i * (stride_h_row + stride_h_col))
+        loss += err * err / 2
+        h = tl.load(h_ptr + i * stride_h_row + col * stride_h_col, mask=(col >= i) & (col < cols), other=0.0)
+        W = W - err[:, None] * h
+        ints = tl.where(here, q_int[:, None], ints)
+        Q = tl.where(here, q[:, None], Q)
+        Err = tl.where(here, err[:, None], Err)
+    tl.store(ints_ptr + row * cols + col, ints, mask=mask)
+    tl.store(q_ptr + row * cols + col, Q, mask=mask)
+    tl.store(err_ptr + row * cols + col, Err, mask=mask)
+    tl.store(loss_ptr + tl.reshape(row, (BLOCK_R,)), loss, mask=tl.reshape(row, (BLOCK_R,)) < rows)
+
+
+def gptq_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels.reference.gptq_block_reference in one launch (same arguments, same results)."""
+    rows, cols = W1.shape
+    scale, zero = scale.float().contiguous(), zero.to(torch.int32).contiguous()
+    ints = torch.empty(rows, cols, dtype=torch.int32, device=W1.device)
+    Q = torch.empty(rows, cols, dtype=torch.float32, device=W1.device)
+    Err1 = torch.empty(rows, cols, dtype=W1.dtype, device=W1.device)
+    losses = torch.empty(rows, dtype=W1.dtype, device=W1.device)
+    gptq_block_kernel[(triton.cdiv(rows, BLOCK_R),)](
+        W1, Hinv1, scale, zero, ints, Q, Err1, losses, rows, cols, *W1.stride(), *Hinv1.stride(),
+        BITS=bits, BLOCK_R=BLOCK_R, BLOCK_C=triton.next_power_of_2(cols), num_warps=4,
+        enable_fp_fusion=False)  # w - err * h rounded twice, as the reference's outer product and subtraction
+    return ints, Q, Err1, losses
