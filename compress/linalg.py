@@ -89,6 +89,8 @@ def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     view = _lapack(matrix)
     if view is None:
         return torch.linalg.eigh(matrix)
+    if nonfinite_count(matrix):
+        raise ValueError("eigh_: the matrix has non-finite entries")
     symmetric = all(torch.equal(matrix[start:start + 1024, :], matrix[:, start:start + 1024].T)
                     for start in range(0, len(matrix), 1024))
     if not symmetric:

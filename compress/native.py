@@ -64,17 +64,22 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
 
 
 def save_streamed(compressed, work: Path, out: Path, files: dict[str, dict], overwrite: bool = False,
-                  extras: Callable[[Path], None] | None = None) -> Path:
-    """Finish a streamed run: its tensor files are already in `work`; add the metadata, then move it to `out`."""
+                  extras: Callable[[Path], None] | None = None, clean: Callable[[], None] | None = None) -> Path:
+    """Finish a streamed run: its tensor files are already in `work`; add the metadata, then move it to `out`.
+
+    clean() removes the run's bookkeeping once the output is complete; if anything before fails, the metadata goes
+    and the tensor files and bookkeeping stay, so the run can be resumed."""
     check_out(out, overwrite)
     try:
         write_metadata(compressed, work, files)
         if extras is not None:
             extras(work)
     except BaseException:
-        for name in ("config.json", CONFIG):  # what is written is not an output yet: the tensor files stay to resume
+        for name in ("config.json", CONFIG):  # not an output yet
             (work / name).unlink(missing_ok=True)
         raise
+    if clean is not None:
+        clean()
     move_into_place(work, out)
     return out
 

@@ -145,7 +145,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             model.set_submodule(name, layer)
         hidden = run_block(block, hidden, block_kwargs)
         check_finite(hidden, f"the outputs of block {index} on the calibration windows")
-        block_errors.append(((hidden.float() - fp_hidden.float()).norm() / fp_hidden.float().norm()).item())
+        block_errors.append(stream_error(hidden, fp_hidden))
         block_seconds.append(round(time.time() - block_start, 2))
         if stream:
             stream.finish(model, f"{prefix}.{index}", index, hidden, fp_hidden, {
@@ -185,24 +185,40 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     work = work_directory(out)
     if not resume or not work.exists():
         check_out(out, overwrite)  # resuming into an existing --out is fine: it is replaced only at the end
+    device = compute_device(device)
     directory = checkpoint_directory(model)
-    empty = empty_model(directory)
+    shards = Shards(directory)
+    try:
+        empty = empty_model(directory)
+        tokenizer = None
+        if not isinstance(calib, torch.Tensor):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"cannot load the model's config or tokenizer from {directory}: "
+                            f"{str(exc).splitlines()[0]}") from None
     storage = empty.config.dtype if isinstance(empty.config.dtype, torch.dtype) else getattr(torch, str(empty.config.dtype))
     activation = (torch.float16 if storage == torch.float32 else storage) if offload else torch.float32
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = None
-    if not isinstance(calib, torch.Tensor):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    stream = Stream(Shards(directory), work, device, activation, storage, resume, overwrite)
+    stream = Stream(shards, work, device, activation, storage, resume, overwrite)
     compressed = compress_model(empty, recipe, calib, tokenizer, progress, stream=stream)
     compressed.base_model = compressed.report["base_model"] = model if model == "demo" else directory
     files = stream.write_outside(compressed.model, find_blocks(compressed.model)[0])
-    stream.checkpoints.clean()
-    save_streamed(compressed, stream.work, out, files, overwrite,
-                  None if extras is None else lambda directory: extras(directory, compressed))
+    # A resumed run may replace the --out that its first run was allowed to replace. The bookkeeping goes only once
+    # the output is complete (metadata and extras written): until then the run can still be resumed.
+    save_streamed(compressed, stream.work, out, files, overwrite or resume,
+                  None if extras is None else lambda directory: extras(directory, compressed), stream.checkpoints.clean)
     return compressed
+
+
+def compute_device(device: str | None) -> torch.device:
+    """The device blocks compute on (default cuda when available), refused with one line if this machine lacks it."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise CompressError(f"device '{device}' is not usable here: {str(exc).splitlines()[0]}") from None
+    return device
 
 
 def checkpoint_directory(model: str) -> str:
@@ -230,6 +246,17 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
     if bad:
         raise CompressError(f"{what} hold {bad} NaN/Inf values (overflow in half precision? a broken checkpoint?); "
                             "nothing was written")
+
+
+def stream_error(hidden: torch.Tensor, fp_hidden: torch.Tensor, windows: int = 8) -> float:
+    """||hidden - fp_hidden|| / ||fp_hidden|| over the calibration windows, a few windows at a time: float32 copies
+    of whole half-precision streams (--offload) would be twice their size each."""
+    num = den = 0.0
+    for compressed, reference in zip(hidden.split(windows), fp_hidden.split(windows)):
+        reference = reference.float()
+        num += (compressed.float() - reference).square().sum().item()
+        den += reference.square().sum().item()
+    return (num / max(den, 1e-30)) ** 0.5
 
 
 def calibration_notes(input_ids: torch.Tensor) -> list[str]:
@@ -355,7 +382,7 @@ def compress_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, 
         info["bits"] = recipe.quantize.bits
         info["group_size"] = {part: q.group_size for part, q in quantized.items()}
     if recipe.compensate:
-        up, down = compensate(weight, base, gram, recipe.compensate, recipe.quantize)
+        up, down = compensate(weight, base, gram, recipe.compensate, recipe.quantize, name, notes)
         info["rank"] = down.shape[0]
     # Dense parts are stored in fp16: cast now so that the model in memory is the one written. A given base
     # stays exact: it stands for someone else's quantized tensors, which are kept as they are.
@@ -394,17 +421,19 @@ def lrq_config(stage: Quantize) -> LRQConfig:
 
 
 def compensate(weight: torch.Tensor, base: torch.Tensor | QuantizedWeight, gram: torch.Tensor, stage: Compensate,
-               quantizer: Quantize | None):
+               quantizer: Quantize | None, name: str = "layer", notes: list[str] | None = None):
     """Low-rank factors (up, down) of the error weight - base; quantized per output channel when asked."""
     error = weight.float() - (base.dequantize() if isinstance(base, QuantizedWeight) else base.float())
     rank = min(stage.rank, *error.shape)
     lowrank = factorize_svd(error, rank) if stage.method == "lorc" else factorize_eora(error, gram, rank)
     if stage.factor_bits is None:
         return lowrank.up, lowrank.down
-    per_channel = Quantize(method="gptq" if quantizer and quantizer.method == "gptq" else "rtn", bits=stage.factor_bits,
-                           group_size=0, symmetric=False)
-    down = quantize(lowrank.down, gram, per_channel, "down", [])
-    return quantize(lowrank.up, factor_gram(down, gram, per_channel), per_channel, "up", []), down
+    gptq = quantizer is not None and quantizer.method == "gptq"
+    per_channel = Quantize(method="gptq" if gptq else "rtn", bits=stage.factor_bits, group_size=0, symmetric=False,
+                           damp=quantizer.damp if gptq else Quantize.damp)
+    notes = [] if notes is None else notes
+    down = quantize(lowrank.down, gram, per_channel, f"{name}.compensation.down", notes)
+    return quantize(lowrank.up, factor_gram(down, gram, per_channel), per_channel, f"{name}.compensation.up", notes), down
 
 
 def factor_gram(down: QuantizedWeight, gram: torch.Tensor, stage: Quantize) -> torch.Tensor | None:

@@ -35,7 +35,14 @@ class Shards:
         self.directory = Path(directory)
         index, single = self.directory / INDEX, self.directory / "model.safetensors"
         if index.is_file():
-            self.files = json.loads(index.read_text())["weight_map"]
+            try:
+                self.files = dict(json.loads(index.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CompressError(f"{index} is corrupt ({type(exc).__name__}: {exc})") from None
+            missing = sorted({file for file in self.files.values() if not (self.directory / file).is_file()})
+            if missing:
+                raise CompressError(f"{self.directory} lacks shards its index names (an incomplete download?): "
+                                    f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         elif single.is_file():
             with safe_open(single, "pt") as handle:
                 self.files = {key: single.name for key in handle.keys()}
@@ -95,11 +102,13 @@ def empty_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     return model.eval()
 
 
-def fingerprint(model: str, recipe: dict, input_ids: torch.Tensor, blocks: int) -> dict:
-    """What must match for a run to resume another: model, recipe, calibration tokens, block count."""
+def fingerprint(model: str, recipe: dict, input_ids: torch.Tensor, blocks: int, device: torch.device,
+                activation_dtype: torch.dtype) -> dict:
+    """What must match for a run to resume another and write the same files: model, recipe, calibration tokens,
+    block count, torch, the kind of device and the activations' dtype (--offload)."""
     tokens = hashlib.sha256(input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
     return {"model": model, "recipe": recipe, "calibration_sha256": tokens, "blocks": blocks,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "device": device.type, "activations": str(activation_dtype).removeprefix("torch.")}
 
 
 def file_entry(path: Path) -> dict:
@@ -134,8 +143,10 @@ class Checkpoints:
         if work.exists():
             saved = json.loads((work / RUN).read_text()) if (work / RUN).is_file() else None
             if saved != run:
-                raise CompressError(f"cannot resume: {work} was made by a different run (model, recipe, calibration or "
-                                    "torch differ); pass --overwrite to start over")
+                differ = ["its run.json is missing"] if saved is None else [key for key in run if saved.get(key) != run[key]]
+                raise CompressError(f"cannot resume: {work} was made by a different run ({', '.join(differ)} "
+                                    "differ; --offload and --device count); run without --resume but with --overwrite "
+                                    "to start over")
         else:
             work.mkdir(parents=True)
             write_atomic(work / RUN, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
@@ -147,6 +158,15 @@ class Checkpoints:
         while count < self.blocks and (self.work / f"block-{count:05d}.json").is_file():
             count += 1
         return count
+
+    def verify(self, count: int) -> None:
+        """Check the tensor files of the first `count` finished blocks against their records (size and sha256)."""
+        for index in range(count):
+            for name, entry in self.record(index)["file"].items():
+                path = self.work / name
+                if not path.is_file() or file_entry(path) != entry:
+                    raise CompressError(f"cannot resume: {path} does not match its record (damaged after a crash?); "
+                                        "run without --resume but with --overwrite to start over")
 
     def record(self, index: int) -> dict:
         return json.loads((self.work / f"block-{index:05d}.json").read_text())
@@ -166,15 +186,20 @@ class Checkpoints:
         (self.work / f"streams-{index - 1:05d}.safetensors").unlink(missing_ok=True)
 
     def clean(self) -> None:
-        """Remove the bookkeeping, leaving only the output files."""
+        """Remove the bookkeeping, leaving only the output files. run.json goes first: a run stopped halfway
+        through is then refused on --resume, never resumed from records whose streams are gone."""
+        (self.work / RUN).unlink()
         for path in self.work.glob("*"):
-            if path.name == RUN or path.name.startswith(("block-", "streams-")):
+            if path.name.startswith(("block-", "streams-")):
                 path.unlink()
 
 
 def write_atomic(path: Path, write) -> None:
+    """write(tmp) to a temporary name, flushed to the disk, then renamed: after a crash `path` is whole or absent."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -195,9 +220,12 @@ class Stream:
 
     def start(self, input_ids: torch.Tensor, recipe, blocks: int) -> int:
         """Open the work directory; the number of blocks an interrupted run already finished."""
-        run = fingerprint(str(self.shards.directory), recipe.to_dict(), input_ids, blocks)
+        run = fingerprint(str(self.shards.directory), recipe.to_dict(), input_ids, blocks, self.device,
+                          self.activation_dtype)
         self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite)
-        return self.checkpoints.finished()
+        finished = self.checkpoints.finished()
+        self.checkpoints.verify(finished)
+        return finished
 
     def fill_outside(self, model: nn.Module, prefix: str) -> None:
         """Fill what runs before the blocks (embeddings); the output head stays on meta."""

@@ -67,7 +67,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     scale = args.scale or (1 if gpu else 8)
-    paths = args.paths or (["reference", "triton"] if gpu else ["reference"])
+    wanted = args.paths or (["reference", "triton"] if gpu else ["reference"])
+    paths = [path for path in ("reference", "triton") if path in wanted]  # the reference first: the others compare to it
     device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     notice = None if gpu else ("NO GPU: GPU figures were not measured. On CPUs the Triton block kernel runs only in "
                                f"triton's interpreter (correctness, not speed); 8B shapes / {scale}.")
@@ -96,8 +97,9 @@ def main() -> None:
         del weight, gram, results
     print("\n" + table(rows, COLUMNS))
     totals = {path: BLOCKS * seconds for path, seconds in per_block.items()}
+    shapes = "8B" if scale == 1 else f"8B / {scale}"
     for path, total in totals.items():
-        print(f"{path}: {per_block[path]:.2f} s of GPTQ per block, {total:.1f} s for {BLOCKS} blocks "
+        print(f"{path}: {per_block[path]:.2f} s of GPTQ per block, {total:.1f} s for {BLOCKS} blocks of {shapes} shapes "
               f"(the linears' GPTQ only: no calibration forward passes)")
     path = write_results({"device": device_name, "gpu_measured": gpu, "notice": notice, "shape_scale": scale,
                           "bits": args.bits, "group_size": args.group_size, "act_order": args.act_order,

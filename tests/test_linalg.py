@@ -98,3 +98,10 @@ def test_top_left_singular_matches_the_svd(shape):
 def test_pack_fast_path_equals_the_bitstream(bits):
     values = torch.randint(0, 2**bits, (7, 96), generator=torch.Generator().manual_seed(bits))
     torch.testing.assert_close(pack(values, bits), pack_bitstream(values.to(torch.int64), bits))
+
+
+def test_eigh_refuses_a_non_finite_matrix_instead_of_recursing():
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[3, 1] = float("nan")  # in the lower triangle: symmetrizing cannot make it equal its transpose
+    with pytest.raises(ValueError, match="non-finite"):
+        eigh_(matrix)

@@ -185,3 +185,102 @@ def test_a_truncated_block_file_is_refused_on_load(tiny_model_dir, tmp_path):
     save_file(tensors, shard)
     with pytest.raises(CompressError, match="truncated or altered|corrupt"):
         load_compressed(out)
+
+
+def fail_at_layer(monkeypatch, layer: int) -> None:
+    """Make the `layer`-th compress_linear call (1-based) of the next run raise, as a crash in the middle of a block."""
+    import compress.pipeline as pipeline
+
+    calls, original = [0], pipeline.compress_linear
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == layer:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress_linear", failing)
+
+
+def state(directory) -> dict[str, torch.Tensor]:
+    return load_compressed(directory).state_dict()
+
+
+def test_a_run_that_fails_while_finishing_resumes_into_the_out_it_may_replace(tiny_model_dir, tmp_path):
+    recipe = Recipe(quantize=Quantize(bits=4, group_size=32), calibration=CALIBRATION)
+    compress_to_directory(str(tiny_model_dir), recipe, tmp_path / "fresh", progress=False)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier output")
+
+    def interrupted(directory, compressed):  # e.g. Ctrl-C during the perplexity of the finished output
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress_to_directory(str(tiny_model_dir), recipe, out, overwrite=True, progress=False, extras=interrupted)
+    work = tmp_path / ".o.partial"
+    assert (work / "run.json").exists() and (work / "block-00001.json").exists() and (out / "old.txt").exists()
+    compress_to_directory(str(tiny_model_dir), recipe, out, resume=True, progress=False)  # no --overwrite again
+    assert not work.exists() and not (out / "old.txt").exists()
+    expected, got = state(tmp_path / "fresh"), state(out)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_resume_refuses_a_damaged_block_file_and_another_offload_setting(monkeypatch, tiny_model_dir, tmp_path):
+    recipe = Recipe(quantize=Quantize(bits=4, group_size=32), calibration=CALIBRATION)
+    out, work = tmp_path / "o", tmp_path / ".o.partial"
+    fail_at_layer(monkeypatch, 10)  # the 3rd layer of block 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        compress_to_directory(str(tiny_model_dir), recipe, out, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CompressError, match="activations differ"):
+        compress_to_directory(str(tiny_model_dir), recipe, out, offload=True, resume=True, progress=False)
+    shard = work / "model-00001-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(CompressError, match="does not match its record"):
+        compress_to_directory(str(tiny_model_dir), recipe, out, resume=True, progress=False)
+
+
+def without(name: str):
+    def remove(directory):
+        for path in directory.glob(name):
+            path.unlink()
+    return remove
+
+
+@pytest.mark.parametrize("break_it, extra, message", [
+    (lambda directory: None, ["--device", "cuda:7"], "device 'cuda:7' is not usable here"),
+    (without("config.json"), [], "cannot load the model's config or tokenizer"),
+    (without("tokenizer*"), [], "cannot load the model's config or tokenizer"),
+], ids=["absent-device", "no-config", "no-tokenizer"])
+def test_bad_streaming_input_is_one_line_and_leaves_nothing(capsys, tmp_path, demo_tokenizer, break_it, extra, message):
+    model_dir = broken_model_dir(tmp_path, demo_tokenizer, lambda model: None)
+    break_it(tmp_path / "broken")
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = tmp_path / "o"
+    assert main(["--model", model_dir, "--wbits", "4", "--out", str(out)] + extra + FAST) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_a_shard_missing_from_its_index_is_refused(tmp_path, demo_tokenizer):
+    from compress.streaming import Shards
+
+    model = tiny_llama(vocab_size=len(demo_tokenizer))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(CompressError, match=f"lacks shards its index names.*{shards[-1].name}"):
+        Shards(tmp_path / "sharded")
+
+
+def test_the_block_error_is_computed_window_by_window():
+    from compress.pipeline import stream_error
+
+    g = torch.Generator().manual_seed(0)
+    fp_hidden = torch.randn(21, 16, 32, generator=g).half()
+    hidden = (fp_hidden.float() + 0.01 * torch.randn(21, 16, 32, generator=g)).half()
+    expected = ((hidden.float() - fp_hidden.float()).norm() / fp_hidden.float().norm()).item()
+    assert stream_error(hidden, fp_hidden, windows=4) == pytest.approx(expected, rel=1e-6)

@@ -131,7 +131,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
 
     def hessian() -> torch.Tensor:  # the working copy: permuted (one gather), dead diagonal set to 1
         source = gram.to(W.device)
-        H = (source[perm[:, None], perm] if act_order else source).to(torch.float64, copy=True)
+        H = source[perm[:, None], perm].to(torch.float64) if act_order else source.to(torch.float64, copy=True)
         H.diagonal()[dead] = 1
         return H
 
