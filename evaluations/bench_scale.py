@@ -5,7 +5,8 @@
 
 The checkpoint is written shard by shard (one block per shard, bf16, never whole in memory), then each recipe runs
 in its own process so that its peak resident memory is its own: `--rank-budget 0.5 --wbits 4` (SVD-LLM, 4-bit
-factors) and GPTQ W4 g128 + EoRA rank 64. Random weights have no low-rank structure: these are speed and memory
+factors), GPTQ W4 g128, and GPTQ W4 g128 + EoRA rank 64 (`--recipes` picks; on a GPU with a 10-minute limit per
+command, run one recipe per command: the checkpoint in --work is written once and reused). Random weights have no low-rank structure: these are speed and memory
 figures, not quality ones. The extrapolated total is the run's fixed cost plus the mean block time x 32.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
 RECIPES = {
     "r0.5-w4": {"factorize": {"method": "svd-llm", "rank_budget": 0.5}, "quantize": {"method": "rtn", "bits": 4}},
+    "gptq-w4": {"quantize": {"method": "gptq", "bits": 4}},
     "gptq-w4-eora64": {"quantize": {"method": "gptq", "bits": 4}, "compensate": {"method": "eora", "rank": 64}},
 }
 
