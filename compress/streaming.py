@@ -26,6 +26,7 @@ from kernels.grid import QuantizedWeight
 
 INDEX = "model.safetensors.index.json"
 RUN = "run.json"
+START_OVER = "run without --resume but with --overwrite to start over"
 
 
 class Shards:
@@ -145,8 +146,7 @@ class Checkpoints:
             if saved != run:
                 differ = ["its run.json is missing"] if saved is None else [key for key in run if saved.get(key) != run[key]]
                 raise CompressError(f"cannot resume: {work} was made by a different run ({', '.join(differ)} "
-                                    "differ; --offload and --device count); run without --resume but with --overwrite "
-                                    "to start over")
+                                    f"differ; --offload and --device count); {START_OVER}")
         else:
             work.mkdir(parents=True)
             write_atomic(work / RUN, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
@@ -166,7 +166,7 @@ class Checkpoints:
                 path = self.work / name
                 if not path.is_file() or file_entry(path) != entry:
                     raise CompressError(f"cannot resume: {path} does not match its record (damaged after a crash?); "
-                                        "run without --resume but with --overwrite to start over")
+                                        f"{START_OVER}")
 
     def record(self, index: int) -> dict:
         return json.loads((self.work / f"block-{index:05d}.json").read_text())
