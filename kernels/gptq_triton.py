@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_R = 16  # rows per program: a (16, 128) float64 tile and its outputs fit in the registers of 4 warps
+BLOCK_R = 16  # rows per program: a (16, 128) float64 tile is 16 KB of registers over 4 warps
 
 
 @triton.jit
@@ -30,21 +30,17 @@ def round_half_even(x):
 def gptq_block_kernel(w_ptr, h_ptr, scale_ptr, zero_ptr, ints_ptr, q_ptr, err_ptr, loss_ptr,
                       rows, cols, stride_w_row, stride_w_col, stride_h_row, stride_h_col,
                       BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    # Only W's tile lives in registers; each column's grid is loaded and its results stored as the loop reaches it,
+    # so per column the work on the whole tile is two passes: take column i out, push its error onto the rest.
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = row < rows
     col = tl.arange(0, BLOCK_C)[None, :]
-    mask = (row < rows) & (col < cols)
-    W = tl.load(w_ptr + row * stride_w_row + col * stride_w_col, mask=mask, other=0.0)
-    scale = tl.load(scale_ptr + row * cols + col, mask=mask, other=1.0)
-    zero = tl.load(zero_ptr + row * cols + col, mask=mask, other=0)
-    ints = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
-    Q = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    Err = tl.zeros((BLOCK_R, BLOCK_C), dtype=W.dtype)
+    W = tl.load(w_ptr + row[:, None] * stride_w_row + col * stride_w_col, mask=row_ok[:, None] & (col < cols), other=0.0)
     loss = tl.sum(tl.zeros((BLOCK_R, BLOCK_C), dtype=W.dtype), axis=1)
     for i in range(0, cols):
-        here = col == i
-        w = tl.sum(tl.where(here, W, 0.0), axis=1)  # column i: one term, exact
-        s = tl.sum(tl.where(here, scale, 0.0), axis=1)
-        z = tl.sum(tl.where(here, zero, 0), axis=1)
+        w = tl.sum(tl.where(col == i, W, 0.0), axis=1)  # column i: one term, exact
+        s = tl.load(scale_ptr + row * cols + i, mask=row_ok, other=1.0)
+        z = tl.load(zero_ptr + row * cols + i, mask=row_ok, other=0)
         q_int = tl.minimum(tl.maximum(round_half_even(tl.div_rn(w.to(tl.float32), s)) + z.to(tl.float32), 0.0),
                            2**BITS - 1).to(tl.int32)
         q = (q_int - z).to(tl.float32) * s
@@ -52,13 +48,10 @@ def gptq_block_kernel(w_ptr, h_ptr, scale_ptr, zero_ptr, ints_ptr, q_ptr, err_pt
         loss += err * err / 2
         h = tl.load(h_ptr + i * stride_h_row + col * stride_h_col, mask=(col >= i) & (col < cols), other=0.0)
         W = W - err[:, None] * h
-        ints = tl.where(here, q_int[:, None], ints)
-        Q = tl.where(here, q[:, None], Q)
-        Err = tl.where(here, err[:, None], Err)
-    tl.store(ints_ptr + row * cols + col, ints, mask=mask)
-    tl.store(q_ptr + row * cols + col, Q, mask=mask)
-    tl.store(err_ptr + row * cols + col, Err, mask=mask)
-    tl.store(loss_ptr + tl.reshape(row, (BLOCK_R,)), loss, mask=tl.reshape(row, (BLOCK_R,)) < rows)
+        tl.store(ints_ptr + row * cols + i, q_int, mask=row_ok)
+        tl.store(q_ptr + row * cols + i, q, mask=row_ok)
+        tl.store(err_ptr + row * cols + i, err, mask=row_ok)
+    tl.store(loss_ptr + row, loss, mask=row_ok)
 
 
 def gptq_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
