@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_R = 16  # rows per program: a (16, 128) float64 tile is 16 KB of registers over 4 warps
+from kernels.tiles import INTERPRET
+
+
+def configs() -> list[triton.Config]:
+    """Rows per program and warps to autotune over on the GPU (a (16, 128) float64 tile is 16 KB of registers);
+    one config under the interpreter, where tuning means nothing."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_R": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_R": block_r}, num_warps=warps) for block_r in (4, 8, 16, 32) for warps in (1, 2, 4)]
 
 
 @triton.jit
@@ -26,6 +34,7 @@ def round_half_even(x):
     return tl.where((fraction > 0.5) | ((fraction == 0.5) & odd), down + 1.0, down)
 
 
+@triton.autotune(configs=configs(), key=["rows", "cols"])
 @triton.jit
 def gptq_block_kernel(w_ptr, h_ptr, scale_ptr, zero_ptr, ints_ptr, q_ptr, err_ptr, loss_ptr,
                       rows, cols, stride_w_row, stride_w_col, stride_h_row, stride_h_col,
@@ -63,8 +72,8 @@ def gptq_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor
     Q = torch.empty(rows, cols, dtype=torch.float32, device=W1.device)
     Err1 = torch.empty(rows, cols, dtype=W1.dtype, device=W1.device)
     losses = torch.empty(rows, dtype=W1.dtype, device=W1.device)
-    gptq_block_kernel[(triton.cdiv(rows, BLOCK_R),)](
+    gptq_block_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
         W1, Hinv1, scale, zero, ints, Q, Err1, losses, rows, cols, *W1.stride(), *Hinv1.stride(),
-        BITS=bits, BLOCK_R=BLOCK_R, BLOCK_C=triton.next_power_of_2(cols), num_warps=4,
+        BITS=bits, BLOCK_C=triton.next_power_of_2(cols),
         enable_fp_fusion=False)  # w - err * h rounded twice, as the reference's outer product and subtraction
     return ints, Q, Err1, losses
