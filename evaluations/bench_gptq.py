@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import kernels
 from compress.quantize.gptq import run_gptq
-from kernels.grid import resolve_group_size
+from evaluations.bench_kernels import median_seconds
 from evaluations.tables import table, write_results
+from kernels.grid import resolve_group_size
 
 # (name, out, in, linears of this shape per block): q and o, k and v, gate and up, down
 LAYERS = (("q_proj/o_proj", 4096, 4096, 2), ("k_proj/v_proj", 1024, 4096, 2), ("gate/up_proj", 14336, 4096, 2),
@@ -38,25 +37,10 @@ def problem(out_features: int, in_features: int, device: torch.device, g: torch.
     return torch.randn(out_features, in_features, generator=g).mul_(0.02).to(device), tokens.T @ tokens
 
 
-def seconds_of(fn, device: torch.device, repeat: int) -> tuple[float, object]:
-    """Median wall time of `fn()` (synchronized on a GPU) after one untimed call, and its last result."""
-    result = fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=None, help="divide the 8B shapes by this (default 1 on GPU, 8 on CPU)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per figure (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per figure (median; CUDA events on a GPU)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--act-order", action="store_true")
@@ -84,9 +68,11 @@ def main() -> None:
         results = {}
         for path in paths:
             os.environ[kernels.KERNELS_ENV] = path  # kernels.gptq_block's choice
-            seconds, results[path] = seconds_of(
-                lambda: run_gptq(weight, gram, args.bits, group_size, symmetric=False, act_order=args.act_order),
-                device, args.repeat)
+            def quantize():
+                return run_gptq(weight, gram, args.bits, group_size, symmetric=False, act_order=args.act_order)
+
+            results[path] = quantize()  # untimed: compiles and autotunes the kernel
+            seconds = median_seconds(quantize, device, args.repeat, warmup=0)
             same = "" if path == "reference" or "reference" not in results else all(
                 torch.equal(getattr(results[path], field), getattr(results["reference"], field))
                 for field in ("ints", "scales", "zeros", "g_idx"))
