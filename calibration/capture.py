@@ -166,7 +166,8 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def capture_block_inputs(model: nn.Module, first_block: nn.Module,
+                         input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Run the model up to its first decoder block on each sample: (nsamples, seqlen, hidden) inputs and the
     keyword arguments the block receives (position embeddings, mask, ...), identical for every window."""
     inputs, block_kwargs = [], {}

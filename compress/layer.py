@@ -35,7 +35,8 @@ class PackedTensor(nn.Module):
         self.bits, self.group_size, self.shape = quantized.bits, quantized.group_size, tuple(quantized.shape)
 
     def operand(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape, self.g_idx)
+        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape,
+                               self.g_idx)
 
     def spec(self) -> dict:
         return {"kind": "quantized", "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
@@ -65,7 +66,8 @@ def empty_part(spec: dict | None) -> Part | None:
     groups = cols // group_size
     qzeros = None if spec["symmetric"] else torch.empty(groups, -(-rows // 32) * bits, dtype=torch.int32)
     g_idx = torch.empty(cols, dtype=torch.int32) if spec.get("act_order") else None
-    return PackedTensor(QuantizedWeight(torch.empty(rows, words, dtype=torch.int32), torch.empty(rows, groups, dtype=torch.float16),
+    return PackedTensor(QuantizedWeight(torch.empty(rows, words, dtype=torch.int32),
+                                        torch.empty(rows, groups, dtype=torch.float16),
                                         qzeros, bits, group_size, (rows, cols), g_idx))
 
 
@@ -125,5 +127,6 @@ class CompressedLinear(nn.Module):
         return kernels.lowrank_linear(x, *self.operands(), self.bias, kernel=self.kernel)
 
     def extra_repr(self) -> str:
-        parts = ", ".join(f"{name}={part.spec()['kind']}" for name, part in (("base", self.base), ("up", self.up)) if part)
+        parts = ", ".join(f"{name}={part.spec()['kind']}"
+                          for name, part in (("base", self.base), ("up", self.up)) if part)
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {parts}"

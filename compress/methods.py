@@ -43,7 +43,8 @@ METHODS: dict[str, dict[str, tuple[type, Callable]]] = {
         "eora": (EoRA, compensate_eora),
     },
 }
-DEFAULT_METHODS = {"factorize": "svd-llm", "quantize": "rtn", "compensate": "eora"}  # when only a stage's knobs are given
+# when only a stage's knobs are given
+DEFAULT_METHODS = {"factorize": "svd-llm", "quantize": "rtn", "compensate": "eora"}
 _NAMES = {config: (stage, name) for stage, table in METHODS.items() for name, (config, _) in table.items()}
 
 

@@ -177,7 +177,8 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     except (OSError, ValueError) as exc:
         raise CompressError(f"cannot load the model's config or tokenizer from {directory}: "
                             f"{str(exc).splitlines()[0]}") from None
-    storage = empty.config.dtype if isinstance(empty.config.dtype, torch.dtype) else getattr(torch, str(empty.config.dtype))
+    storage = (empty.config.dtype if isinstance(empty.config.dtype, torch.dtype)
+               else getattr(torch, str(empty.config.dtype)))
     activation = (torch.float16 if storage == torch.float32 else storage) if offload else torch.float32
     source = StreamedBlocks(shards, work, device, activation, storage, resume, overwrite)
     compressed = compress_model(empty, recipe, calib, tokenizer, progress, source=source)
@@ -212,7 +213,8 @@ def checkpoint_directory(model: str) -> str:
             directory = snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
         except Exception:  # noqa: BLE001 - every hub failure gets the same advice
             raise CompressError(f"cannot load '{resolved}' from the hugging face hub (offline, not cached, gated or "
-                                "misspelled): download it elsewhere and pass its local directory with --model DIR") from None
+                                "misspelled): download it elsewhere and pass its local directory "
+                                "with --model DIR") from None
     if not has_shards(directory):
         raise CompressError(f"{directory} has no safetensors weights: streaming needs model.safetensors or shards "
                             "with an index (convert the checkpoint with save_pretrained)")
@@ -241,7 +243,8 @@ def stream_error(hidden: torch.Tensor, fp_hidden: torch.Tensor, windows: int = 8
 def calibration_notes(input_ids: torch.Tensor) -> list[str]:
     """Report windows that are one token repeated (padding, an empty document): they add little information."""
     constant = [i for i, window in enumerate(input_ids) if (window == window[0]).all()]
-    return [f"calibration windows {constant[:8]} are one token repeated" + (" ..." if len(constant) > 8 else "")] if constant else []
+    return ([f"calibration windows {constant[:8]} are one token repeated" + (" ..." if len(constant) > 8 else "")]
+            if constant else [])
 
 
 def select_linears(arch: Architecture, blocks: nn.ModuleList, recipe: Recipe,
@@ -259,33 +262,19 @@ def select_linears(arch: Architecture, blocks: nn.ModuleList, recipe: Recipe,
     if bases is not None:
         missing = sorted(set(bases) - {name for block in selected for name in block})
         if missing:
-            raise CompressError(f"the quantized checkpoint has layers the model lacks or the recipe excludes: {missing[:3]}")
+            raise CompressError("the quantized checkpoint has layers the model lacks or the recipe excludes: "
+                                f"{missing[:3]}")
         selected = [[name for name in block if name in bases] for block in selected]
     return selected
 
 
 def check_group_size(group_size: int, shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> None:
     """Refuse a group size that divides none of the tensors to quantize (their input widths)."""
-    widths = {w for name, (_, inp) in shapes.items() for w in ((inp,) if ranks.get(name) is None else (ranks[name], inp))}
+    widths = {w for name, (_, inp) in shapes.items()
+              for w in ((inp,) if ranks.get(name) is None else (ranks[name], inp))}
     if group_size > 0 and not any(width % group_size == 0 for width in widths):
         raise CompressError(f"group size {group_size} divides no layer (input widths: "
                             f"{', '.join(map(str, sorted(widths)))}); choose one that does, or 0 for one group per row")
-
-
-def calibration_ids(model: nn.Module, tokenizer, recipe: Recipe, calib) -> torch.Tensor:
-    """The (nsamples, seqlen) calibration windows the recipe asks for."""
-    if isinstance(calib, torch.Tensor):
-        return calib
-    settings = recipe.calibration
-    seqlen = settings.seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-    source = calib or settings.source or DEFAULT_CALIBRATION
-    if tokenizer is None:
-        raise CompressError("a tokenizer is needed to build calibration windows from text")
-    budget = 4 * settings.nsamples * seqlen * 8  # characters: plenty for the windows, bounded for big corpora
-    try:
-        return sample_windows(tokenizer, load_text(source, max_chars=budget), settings.nsamples, seqlen, settings.seed)
-    except CalibrationError as exc:
-        raise CompressError(str(exc)) from None
 
 
 def calibration_ids(model: nn.Module, tokenizer, recipe: Recipe, calib) -> torch.Tensor:

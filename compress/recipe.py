@@ -69,7 +69,8 @@ class Recipe:
         if self.factorize is None and self.quantize is None and self.compensate is None:
             raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
         if self.compensate is not None and self.factorize is not None:
-            raise CompressError("compensation corrects a quantized weight: use it with --wbits and without --rank-budget")
+            raise CompressError("compensation corrects a quantized weight: use it with --wbits "
+                                "and without --rank-budget")
         if self.factorize is not None and isinstance(self.quantize, LearnedConfig):
             raise CompressError(f"{method_name(self.quantize)} learns the quantized weights of whole blocks: "
                                 "use it without --rank-budget")

@@ -14,7 +14,6 @@ from compress.architectures import Architecture
 from compress.compensate import CompensateConfig
 from compress.errors import CompressError
 from compress.factorize import FactorizeConfig
-from compress.factorize.lorap import LoRAP
 from compress.layer import CompressedLinear
 from compress.linalg import nonfinite_count, output_error
 from compress.methods import run
@@ -53,7 +52,8 @@ def allocate(config: FactorizeConfig, arch: Architecture, targets: list[list[str
     for index, block in enumerate(targets):
         prefix = f"{arch.blocks}.{index}."
         if {prefix + local for local in arch.attention + arch.mlp} - set(block):
-            raise CompressError(f"lorap needs every attention and MLP projection of a block ({', '.join(arch.attention + arch.mlp)})")
+            raise CompressError("lorap needs every attention and MLP projection of a block "
+                                f"({', '.join(arch.attention + arch.mlp)})")
         leaves = {local.rsplit(".", 1)[-1]: prefix + local for local in arch.attention}
         attention = lorap_attention_ranks({leaf: shapes[name] for leaf, name in leaves.items()}, config.rank_budget)
         ranks.update({leaves[leaf]: rank for leaf, rank in attention.items()})
@@ -128,8 +128,8 @@ def compress_linear(name: str, linear: nn.Module, statistics: Statistics, rank: 
     layer = CompressedLinear.from_parts(base, up, down, bias, kernel=kernel)
     approx = layer.weight_approx()
     if nonfinite_count(approx):
-        raise CompressError(f"{name}: the compressed weight is not finite (weights beyond the fp16 range of the scales, "
-                            "or degenerate calibration statistics); nothing was written")
+        raise CompressError(f"{name}: the compressed weight is not finite (weights beyond the fp16 range of the "
+                            "scales, or degenerate calibration statistics); nothing was written")
     record.relative_error = output_error(weight, approx, gram)
     return layer, record
 
@@ -156,7 +156,8 @@ def quantize_tensor(tensor: torch.Tensor, gram: torch.Tensor | None, config: Gri
 
 def compensation(weight: torch.Tensor, base: torch.Tensor | QuantizedWeight, statistics: Statistics,
                  config: CompensateConfig, quantize: GridConfig | None, name: str = "layer",
-                 notes: list[str] | None = None) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight]:
+                 notes: list[str] | None = None) -> tuple[torch.Tensor | QuantizedWeight,
+                                                          torch.Tensor | QuantizedWeight]:
     """Low-rank factors (up, down) of the error weight - base; quantized per output channel when asked (with GPTQ
     when the base was, else RTN)."""
     error = weight.float() - (base.dequantize() if isinstance(base, QuantizedWeight) else base.float())

@@ -108,7 +108,8 @@ def fingerprint(model: str, recipe: dict, input_ids: torch.Tensor, blocks: int, 
     block count, torch, the kind of device and the activations' dtype (--offload)."""
     tokens = hashlib.sha256(input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
     return {"model": model, "recipe": recipe, "calibration_sha256": tokens, "blocks": blocks,
-            "torch": torch.__version__, "device": device.type, "activations": str(activation_dtype).removeprefix("torch.")}
+            "torch": torch.__version__, "device": device.type,
+            "activations": str(activation_dtype).removeprefix("torch.")}
 
 
 def file_entry(path: Path) -> dict:
@@ -143,7 +144,8 @@ class Checkpoints:
         if work.exists():
             saved = json.loads((work / RUN).read_text()) if (work / RUN).is_file() else None
             if saved != run:
-                differ = ["its run.json is missing"] if saved is None else [key for key in run if saved.get(key) != run[key]]
+                differ = (["its run.json is missing"] if saved is None
+                          else [key for key in run if saved.get(key) != run[key]])
                 raise CompressError(f"cannot resume: {work} was made by a different run ({', '.join(differ)} "
                                     f"differ; --offload and --device count); {START_OVER}")
         else:
@@ -175,13 +177,15 @@ class Checkpoints:
         "fp_hidden") and any learned weights of later blocks ("pending.*")."""
         return load_file(self.work / f"streams-{index:05d}.safetensors")
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict, carried: dict[str, torch.Tensor]) -> None:
+    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict,
+             carried: dict[str, torch.Tensor]) -> None:
         name = shard_name(index, self.blocks + 1)
         write_atomic(self.work / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         carried = {key: tensor.contiguous() for key, tensor in carried.items()}
         write_atomic(self.work / f"streams-{index:05d}.safetensors", lambda tmp: save_file(carried, tmp))
         record = {**record, "file": {name: file_entry(self.work / name)}}
-        write_atomic(self.work / f"block-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        write_atomic(self.work / f"block-{index:05d}.json",
+                     lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
         (self.work / f"streams-{index - 1:05d}.safetensors").unlink(missing_ok=True)
 
     def clean(self) -> None:

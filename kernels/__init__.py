@@ -43,7 +43,8 @@ def lowrank_linear(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
 
 def lowrank_linear_triton(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """lowrank_linear_reference through the Triton kernels: t = x @ down^T once, then base's GEMM with t @ up^T fused in.
+    """lowrank_linear_reference through the Triton kernels: t = x @ down^T once, then base's GEMM
+    with t @ up^T fused in.
 
     Without a base the two factors run as two chained GEMMs (t, then t @ up^T + bias).
     """

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from calibration import Statistics
-from compress.factorize import FactorizeConfig, Factorization
+from compress.factorize import Factorization, FactorizeConfig
 from compress.linalg import LowRank, balanced_factors, eigen_root, top_left_singular
 
 

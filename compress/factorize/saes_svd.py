@@ -16,7 +16,7 @@ import torch
 
 from calibration import Statistics
 from compress.errors import CompressError
-from compress.factorize import FactorizeConfig, Factorization
+from compress.factorize import Factorization, FactorizeConfig
 from compress.linalg import LowRank, balanced_svd, damped_cholesky, truncated_svd
 
 
@@ -48,11 +48,12 @@ def factorize_saes(weight: torch.Tensor, statistics: Statistics, rank: int, conf
 
 def saes_lowrank(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, rank: int, beta: float | None = None,
                  beta_max: float = 0.99, beta_min: float = 0.0) -> Factorization:
-    """CEALC's closed form, with the beta used and the damping. beta=None chooses beta with ACES in [beta_min, beta_max];
-    a given beta is used as it is."""
+    """CEALC's closed form, with the beta used and the damping. beta=None chooses beta with ACES in
+    [beta_min, beta_max]; a given beta is used as it is."""
     root, damp = damped_cholesky(gram)
     S = weight.double() @ root  # W (H + damp I) C^(-T) = W C
-    D = torch.linalg.solve_triangular(root.T, weight.double() @ cross.double(), upper=True, left=False)  # W Delta C^(-T)
+    D = torch.linalg.solve_triangular(root.T, weight.double() @ cross.double(),
+                                      upper=True, left=False)  # W Delta C^(-T)
     if beta is None:
         beta = aces_beta(S, D, rank, beta_max, beta_min)
     elif not 0.0 <= beta < 1.0:
@@ -72,8 +73,9 @@ def _complement(M: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> torch.Ten
 def aces_beta(S: torch.Tensor, D: torch.Tensor, rank: int, beta_max: float = 0.99, beta_min: float = 0.0) -> float:
     """S = W H L, D = W Delta L (out, in) -> argmin over [beta_min, beta_max] of rho(beta), the approximate tail ratio.
 
-    rho(beta) = (a + 2 b beta + c beta^2) / (A + 2 B beta + C beta^2) with a, b, c the energies of S, D projected off the
-    top-r singular subspaces of S and A, B, C those of S, D; candidates are the endpoints and the real stationary points.
+    rho(beta) = (a + 2 b beta + c beta^2) / (A + 2 B beta + C beta^2) with a, b, c the energies of S, D
+    projected off the top-r singular subspaces of S and A, B, C those of S, D; candidates are the endpoints
+    and the real stationary points.
     """
     if not 0.0 <= beta_min <= beta_max < 1.0:
         raise ValueError(f"need 0 <= beta_min <= beta_max < 1, got [{beta_min}, {beta_max}]")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from calibration import Statistics
-from compress.factorize import FactorizeConfig, Factorization
+from compress.factorize import Factorization, FactorizeConfig
 from compress.linalg import damped_cholesky, whitened_lowrank
 
 

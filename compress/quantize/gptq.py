@@ -33,10 +33,10 @@ from typing import Callable
 
 import torch
 
+import kernels
 from compress.errors import CompressError
 from compress.linalg import cholesky_, cholesky_inverse_, nonfinite_count
 from compress.quantize import GridConfig, Quantization
-import kernels
 from kernels.grid import find_params, make_quantized
 
 MAX_DAMP = 1.0  # the largest damping tried, as a fraction of the mean Hessian diagonal
@@ -113,21 +113,25 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
         del work, diagonal
         if tried >= MAX_DAMP:
             raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {tried:g} x mean diagonal "
-                             f"({mean_diag:.3g}); the calibration statistics are broken (too few or non-finite tokens?)")
+                             f"({mean_diag:.3g}); the calibration statistics are broken "
+                             "(too few or non-finite tokens?)")
         tried = min(MAX_DAMP, tried * 10 if tried > 0 else 0.01)
 
 
 def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-             act_order: bool = False, static_groups: bool = False, damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+             act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+             block_size: int = 128) -> GPTQResult:
     """GPTQ of weight (out, in) against gram (in, in) = sum x x^T; `group_size` must divide `in`.
 
     Returns the unpacked result in the original column order; `quantize_gptq` packs it.
     """
     rows, cols = weight.shape
     if gram.shape != (cols, cols):
-        raise ValueError(f"GPTQ: gram has shape {tuple(gram.shape)}, expected ({cols}, {cols}) for weight {tuple(weight.shape)}")
+        raise ValueError(f"GPTQ: gram has shape {tuple(gram.shape)}, expected ({cols}, {cols}) "
+                         f"for weight {tuple(weight.shape)}")
     if group_size <= 0 or cols % group_size:
-        raise ValueError(f"GPTQ: group_size {group_size} does not divide in_features {cols} (use grid.resolve_group_size)")
+        raise ValueError(f"GPTQ: group_size {group_size} does not divide in_features {cols} "
+                         "(use grid.resolve_group_size)")
     if damp < 0 or block_size <= 0:
         raise ValueError(f"GPTQ: damp must be >= 0 and block_size > 0, got damp={damp}, block_size={block_size}")
     if nonfinite_count(gram):
@@ -157,7 +161,8 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     if not act_order:
         perm = torch.arange(cols, device=W.device)
 
-    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # dequantized (grid values: exact), processing order
+    # dequantized (grid values: exact), processing order
+    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)
     ints = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # processing order
     if static_groups:
         scales, zeros = static_scales, static_zeros
