@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from compress import Factorize, Quantize, Recipe, compress_model
+from calibration import Statistics
+from compress import RTN, Recipe, compress_model
 from compress.allocate import rank_for_budget
+from compress.methods import config_type, run
 from compress.models import load_model
-from compress.pipeline import factorize
 from compress.recipe import Calibration
 from evaluations.perplexity import eval_text, perplexity
 from evaluations.tables import format_row, header, plot_pareto, table, write_results
@@ -42,8 +43,9 @@ def quality_table(methods, allocators, budgets, wbits_options, nsamples, eval_id
     for budget in budgets:
         for method, allocate in combinations(methods, allocators):
             for wbits in wbits_options:
-                recipe = Recipe(factorize=Factorize(method, budget, allocate=allocate),
-                                quantize=Quantize(bits=wbits) if wbits < 16 else None,
+                factorize = config_type("factorize", method)
+                recipe = Recipe(factorize=factorize(budget, allocate=allocate) if method != "lorap" else factorize(budget),
+                                quantize=RTN(bits=wbits) if wbits < 16 else None,
                                 calibration=Calibration(nsamples=nsamples))
                 model, tokenizer, _ = load_model("demo")
                 start = time.time()
@@ -68,9 +70,9 @@ def scaling_sweep(methods, sizes, tokens_per_channel: int = 4) -> list[dict]:
         gram, cross = x.T @ x, (x_fp - x).T @ x
         rank = rank_for_budget(size, size, 0.5)
         for method in methods:
-            stage = Factorize(method, 0.5, allocate="lorap" if method == "lorap" else "uniform")
+            config = config_type("factorize", method)(0.5)
             start = time.perf_counter()
-            factorize(weight, gram, cross, rank, stage)
+            run(config)(weight, Statistics(gram, cross), rank, config)
             rows.append({"method": method, "hidden": size, "seconds": round(time.perf_counter() - start, 4)})
         print("  ".join(f"{r['method']} {r['seconds']:.3f}s" for r in rows[-len(methods):]), f"(hidden {size})",
               flush=True)

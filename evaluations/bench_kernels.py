@@ -176,14 +176,14 @@ def tokens_per_second(model, device: torch.device, new_tokens: int, prompt: int 
 
 def bench_demo(dtype: torch.dtype, device: torch.device, new_tokens: int, nsamples: int) -> list[dict]:
     """The demo model dense, W4 g128 + rank-64 compensation, and rank budget 0.5 with 4-bit factors."""
-    from compress import Calibration, Compensate, Factorize, Quantize, Recipe, compress_model
+    from compress import RTN, SVD, Calibration, LoRC, Recipe, compress_model
     from compress.models import load_model
 
     calibration = Calibration(nsamples=nsamples)
-    recipes = {"demo w4g128 + lorc r64": Recipe(quantize=Quantize("rtn", 4, 128), compensate=Compensate("lorc", 64),
+    recipes = {"demo w4g128 + lorc r64": Recipe(quantize=RTN(4, 128), compensate=LoRC(64),
                                                 calibration=calibration),
-               "demo svd r0.5 + w4g128 factors": Recipe(factorize=Factorize("svd", 0.5),
-                                                        quantize=Quantize("rtn", 4, 128),
+               "demo svd r0.5 + w4g128 factors": Recipe(factorize=SVD(0.5),
+                                                        quantize=RTN(4, 128),
                                                         calibration=calibration)}
     model, _, _ = load_model("demo")
     rows = [{"model": "demo dense", "tokens_per_s": tokens_per_second(model.to(device, dtype), device, new_tokens)}]

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
-from compress import Compensate, Factorize, Quantize, Recipe, compress_model
+from compress import SVDLLM, Recipe, compress_model
+from compress.methods import METHODS, config_type
 from compress.models import load_model
-from compress.recipe import QUANTIZE_METHODS, Calibration
+from compress.quantize import LearnedConfig
+from compress.recipe import Calibration
+
+QUANTIZE_METHODS = tuple(METHODS["quantize"])
 from evaluations.perplexity import eval_text, perplexity
 from evaluations.tables import format_row, header, plot_pareto, table, write_results
 
@@ -37,18 +41,20 @@ def recipes(methods, widths, ranks, nsamples, iterations):
     calibration = Calibration(nsamples=nsamples)
     for method in methods:
         for bits, group_size in widths:
-            quantize = Quantize(method, bits, group_size, iterations=iterations)
+            kind = config_type("quantize", method)
+            learned = issubclass(kind, LearnedConfig)
+            quantize = kind(bits, group_size, **({"iterations": iterations} if learned else {}))
             series = f"{method}"
             yield f"{method} w{bits}g{group_size}", series, Recipe(quantize=quantize, calibration=calibration)
             for compensation in ("lorc", "eora"):
                 for rank in ranks:
                     yield (f"{method} w{bits}g{group_size} + {compensation}{rank}", f"{method} + {compensation}{rank}",
-                           Recipe(quantize=quantize, compensate=Compensate(compensation, rank),
+                           Recipe(quantize=quantize, compensate=config_type("compensate", compensation)(rank),
                                   calibration=calibration))
     for method in methods:
         if method in ("rtn", "gptq"):  # the learned quantizers work on whole blocks, not on factors
             yield (f"svd-llm r0.5 + {method} w4g128", "low rank then quantize",
-                   Recipe(factorize=Factorize("svd-llm", 0.5), quantize=Quantize(method, 4, 128),
+                   Recipe(factorize=SVDLLM(0.5), quantize=config_type("quantize", method)(4, 128),
                           calibration=calibration))
 
 

@@ -40,17 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=Calibration.nsamples)
     parser.add_argument("--seqlen", type=int)
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--modes", default="off,on", help="true-sequential off, on, or both (default)")
+    parser.add_argument("--skip-original", action="store_true", help="do not evaluate the uncompressed model")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     out = args.out or Path(__file__).parent / "results" / "true_sequential" / Path(args.model).name
     out.mkdir(parents=True, exist_ok=True)
     calibration = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
     model, tokenizer, _ = load_model(args.model)
-    rows = [{"recipe": "original", "true_sequential": None, "bits_per_weight": 16.0, "seconds": 0.0,
-             "perplexity": text_perplexity(model, tokenizer, args.eval, seqlen=args.seqlen)["perplexity"]}]
+    rows = [] if args.skip_original else [
+        {"recipe": "original", "true_sequential": None, "bits_per_weight": 16.0, "seconds": 0.0,
+         "perplexity": text_perplexity(model, tokenizer, args.eval, seqlen=args.seqlen)["perplexity"]}]
     del model
     for name in args.recipes.split(","):
-        for true_sequential in (False, True):
+        for true_sequential in [{"off": False, "on": True}[mode] for mode in args.modes.split(",")]:
             model, tokenizer, _ = load_model(args.model)
             recipe = Recipe(**RECIPES[name], calibration=calibration, true_sequential=true_sequential)
             result = compress_model(model, recipe, tokenizer=tokenizer)
