@@ -43,8 +43,8 @@ def quality_table(methods, allocators, budgets, wbits_options, nsamples, eval_id
     for budget in budgets:
         for method, allocate in combinations(methods, allocators):
             for wbits in wbits_options:
-                factorize = config_type("factorize", method)
-                recipe = Recipe(factorize=factorize(budget, allocate=allocate) if method != "lorap" else factorize(budget),
+                allocation = {} if method == "lorap" else {"allocate": allocate}  # lorap's allocation is its own
+                recipe = Recipe(factorize=config_type("factorize", method)(budget, **allocation),
                                 quantize=RTN(bits=wbits) if wbits < 16 else None,
                                 calibration=Calibration(nsamples=nsamples))
                 model, tokenizer, _ = load_model("demo")

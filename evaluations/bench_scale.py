@@ -92,7 +92,8 @@ def compress_once(model: Path, recipe_name: str, out: Path, nsamples: int, seqle
     report = compressed.report
     blocks = report["block_seconds"]
     fixed = seconds - sum(blocks)
-    record = {"recipe": recipe_name, "true_sequential": true_sequential, "blocks": len(blocks), "nsamples": nsamples, "seqlen": seqlen,
+    record = {"recipe": recipe_name, "true_sequential": true_sequential, "blocks": len(blocks),
+              "nsamples": nsamples, "seqlen": seqlen,
               "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
               "threads": torch.get_num_threads(),
               "offload": offload, "seconds": round(seconds, 1), "block_seconds": blocks,
