@@ -122,7 +122,7 @@ def compress_linear(name: str, linear: nn.Module, statistics: Statistics, rank: 
         record.rank = down.shape[0]
     # Dense parts are stored in fp16: cast now so that the model in memory is the one written. A given base
     # stays exact: it stands for someone else's quantized tensors, which are kept as they are.
-    up, down = (t.half() if isinstance(t, torch.Tensor) else t for t in (up, down))
+    up, down = (t.half().contiguous() if isinstance(t, torch.Tensor) else t for t in (up, down))
     if given is None and isinstance(base, torch.Tensor):
         base = base.half()
     layer = CompressedLinear.from_parts(base, up, down, bias, kernel=kernel)

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from calibration import GramAccumulator, load_text, paired_statistics, record_grams, sample_windows
+from calibration import GramAccumulator, Statistics, group_statistics, load_text, record_grams, sample_windows
 from calibration.data import CalibrationError
 
 DOCS = ["def first():\n    return 1\n", "class Second:\n    pass\n", "import os\nprint(os.sep)\n"]
@@ -62,15 +62,101 @@ def test_gram_accumulates_in_float64_over_batches():
     assert acc.gram.dtype == torch.float64
 
 
-def test_paired_statistics_hold_both_streams():
+class Branches(torch.nn.Module):
+    """q and k read the same input; o reads their product; tail runs after every linear of interest."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o, self.tail = (torch.nn.Linear(6, 4), torch.nn.Linear(6, 4), torch.nn.Linear(4, 6),
+                                             torch.nn.Linear(6, 6))
+
+    def forward(self, x):
+        return self.tail(self.o(torch.relu(self.q(x)) * self.k(x)))
+
+
+def test_group_statistics_hold_both_streams():
     block = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 6))
-    linears = {"first": block[0], "second": block[2]}
     hidden, fp_hidden = torch.randn(5, 3, 6), torch.randn(5, 3, 6)
-    stats, fp_out = paired_statistics(block, linears, hidden, fp_hidden, {}, cross=True, batch_size=2)
+    stats, fp_out = group_statistics(block, [("0",), ("2",)], hidden, {}, fp_hidden, cross=True, fp_outputs=True,
+                                     batch_size=2)
+    assert isinstance(stats["0"], Statistics)
     x, xf = hidden.reshape(-1, 6).double(), fp_hidden.reshape(-1, 6).double()
-    assert torch.allclose(stats["first"].gram, x.T @ x)
-    assert torch.allclose(stats["first"].cross, (xf - x).T @ x)
-    h, hf = torch.relu(block[0](hidden)).reshape(-1, 4).double(), torch.relu(block[0](fp_hidden)).reshape(-1, 4).double()
-    assert torch.allclose(stats["second"].gram, h.T @ h, atol=1e-6)
-    assert torch.allclose(stats["second"].cross, (hf - h).T @ h, atol=1e-6)
+    assert torch.allclose(stats["0"].gram, x.T @ x)
+    assert torch.allclose(stats["0"].cross, (xf - x).T @ x)
+    h = torch.relu(block[0](hidden)).reshape(-1, 4).double()
+    hf = torch.relu(block[0](fp_hidden)).reshape(-1, 4).double()
+    assert torch.allclose(stats["2"].gram, h.T @ h, atol=1e-6)
+    assert torch.allclose(stats["2"].cross, (hf - h).T @ h, atol=1e-6)
     assert torch.allclose(fp_out, block(fp_hidden))
+
+
+def test_group_statistics_without_the_full_precision_stream():
+    block = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 6))
+    hidden = torch.randn(5, 3, 6)
+    stats, fp_out = group_statistics(block, [("0",), ("2",)], hidden, {}, batch_size=2)
+    assert fp_out is None
+    assert stats["0"].cross is None and stats["2"].cross is None
+    x = hidden.reshape(-1, 6).double()
+    h = torch.relu(block[0](hidden)).reshape(-1, 4).double()
+    assert torch.allclose(stats["0"].gram, x.T @ x)
+    assert torch.allclose(stats["2"].gram, h.T @ h, atol=1e-6)
+    assert torch.equal(stats["0"].gram, stats["0"].gram.T)  # finished: exactly symmetric
+
+
+def test_linears_of_one_group_share_their_statistics():
+    torch.manual_seed(0)
+    block = Branches()
+    hidden = torch.randn(4, 3, 6)
+    stats, _ = group_statistics(block, [("q", "k"), ("o",)], hidden, {}, batch_size=3)
+    assert stats["q"] is stats["k"]
+    x = hidden.reshape(-1, 6).double()
+    assert torch.allclose(stats["k"].gram, x.T @ x)
+    with torch.no_grad():
+        h = (torch.relu(block.q(hidden)) * block.k(hidden)).reshape(-1, 4).double()
+    assert torch.allclose(stats["o"].gram, h.T @ h, atol=1e-6)
+
+
+def test_group_statistics_after_an_earlier_group_was_replaced():
+    """The cross term of a later group pairs the full-precision stream run through the originals with the
+    compressed stream run through the replacements; the early stop changes nothing in the statistics."""
+    torch.manual_seed(1)
+    block = Branches()
+    original_q = block.q
+    replacement = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        replacement.weight.copy_(original_q.weight + 0.1 * torch.randn(4, 6))
+        replacement.bias.copy_(original_q.bias)
+    block.q = replacement
+    hidden, fp_hidden = torch.randn(5, 3, 6), torch.randn(5, 3, 6)
+    groups = [("o",)]
+    tail_calls = []
+    handle = block.tail.register_forward_pre_hook(lambda _m, args: tail_calls.append(args[0].shape[0]))
+    try:
+        stopped, none = group_statistics(block, groups, hidden, {}, fp_hidden, cross=True,
+                                         originals={"q": original_q}, batch_size=2)
+        assert none is None
+        assert tail_calls == []  # both runs stopped at o's input
+        full, fp_out = group_statistics(block, groups, hidden, {}, fp_hidden, cross=True, fp_outputs=True,
+                                        originals={"q": original_q}, batch_size=2)
+        assert sum(tail_calls) == len(fp_hidden)  # only the full-precision stream ran to the end
+    finally:
+        handle.remove()
+    assert block.q is replacement  # the originals were put back only for the full-precision run
+    with torch.no_grad():
+        x_fp = (torch.relu(original_q(fp_hidden)) * block.k(fp_hidden)).reshape(-1, 4).double()
+        x = (torch.relu(replacement(hidden)) * block.k(hidden)).reshape(-1, 4).double()
+        block.q = original_q
+        expected_out = block(fp_hidden)
+        block.q = replacement
+    assert not torch.allclose(x_fp, x)
+    assert torch.allclose(stopped["o"].gram, x.T @ x, atol=1e-6)
+    assert torch.allclose(stopped["o"].cross, (x_fp - x).T @ x, atol=1e-6)
+    assert torch.equal(stopped["o"].gram, full["o"].gram)
+    with torch.no_grad(), record_grams({"o": block.o}) as whole:  # the block run to its end, batch by batch
+        for start in range(0, len(hidden), 2):
+            block(hidden[start:start + 2])
+    assert torch.equal(stopped["o"].gram, whole["o"].gram)
+    assert torch.equal(stopped["o"].cross, full["o"].cross)
+    assert torch.allclose(fp_out, expected_out)
+    unpaired, _ = group_statistics(block, groups, hidden, {}, fp_hidden, cross=True, batch_size=2)
+    assert not torch.allclose(unpaired["o"].cross, stopped["o"].cross, atol=1e-3)  # the originals mattered

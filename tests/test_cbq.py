@@ -7,9 +7,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from calibration import block_linears, capture_block_inputs, run_block
+from compress import CBQ, CompressError
 from compress.quantize.cbq import (
     TEMPERATURE_END,
-    CBQConfig,
     LoRARounding,
     cfp_activation_scales,
     cfp_clip,
@@ -22,7 +22,7 @@ from compress.quantize.cbq import (
     schedule,
     windows,
 )
-from compress.quantize.rtn import quantize_rtn
+from compress.quantize.rtn import round_to_nearest
 from kernels.grid import find_params, quantize_ints
 
 
@@ -66,7 +66,7 @@ def learnt(window):
     """3-bit, group 32, asymmetric roundings of both blocks, and the parameters before the call."""
     before = snapshot(window.model)
     roundings = learn_window_cbq(window.blocks, window.linears, window.inputs, window.targets, window.kwargs,
-                                 CBQConfig(bits=3, group_size=32))
+                                 CBQ(bits=3, group_size=32))
     return before, roundings
 
 
@@ -124,11 +124,11 @@ def test_initial_rounding_is_adaround_init_and_hardens_to_round_to_nearest(symme
 @pytest.mark.parametrize("bits", [3, 2])
 def test_cbq_window_error_is_below_rtn(window, learnt, bits):
     before = snapshot(window.model)
-    config = CBQConfig(bits=bits, group_size=32)
+    config = CBQ(bits=bits, group_size=32)
     packed = quantize_window_cbq(window.blocks, window.linears, window.inputs, window.targets, window.kwargs, config)
     assert unchanged(window.model, before)
     cbq = window_error(window, [{name: q.dequantize() for name, q in named.items()} for named in packed])
-    rtn = window_error(window, [{name: quantize_rtn(layer.weight.detach().float(), bits, 32, False).dequantize()
+    rtn = window_error(window, [{name: round_to_nearest(layer.weight.detach().float(), bits, 32, False).dequantize()
                                  for name, layer in named.items()} for named in window.linears])
     print(f"{bits}-bit g32 window error: CBQ {cbq:.4f}, RTN {rtn:.4f}, ratio {cbq / rtn:.3f}")
     assert cbq < rtn
@@ -216,7 +216,8 @@ def test_packed_ints_are_on_the_grid_and_are_the_hardened_weights(window, learnt
             assert torch.equal(quantized.dequantize(), pure)
             assert torch.equal(rounding.hardened_weight(), pure)
             hardened[-1][name] = pure
-    # The forward through the window with the pure hardened weights is the forward of blocks holding the packed ones.
+    # The forward through the window with the pure hardened weights is the forward of blocks holding the packed
+    # ones.
     copies = []
     for block, named, of_block in zip(window.blocks, window.linears, roundings):
         local = {id(module): name for name, module in block.named_modules()}
@@ -233,7 +234,7 @@ def test_packed_ints_are_on_the_grid_and_are_the_hardened_weights(window, learnt
 @pytest.mark.parametrize("bits", [2, 4])
 def test_symmetric_grid_packs_the_hardened_weights(window, bits):
     targets = run_block(window.blocks[0], window.inputs, window.kwargs)
-    config = CBQConfig(bits=bits, group_size=32, symmetric=True, iterations=20)
+    config = CBQ(bits=bits, group_size=32, symmetric=True, iterations=20)
     roundings = learn_window_cbq(window.blocks[:1], window.linears[:1], window.inputs, targets, window.kwargs, config)
     for rounding in roundings[0].values():
         quantized = rounding.harden()
@@ -266,7 +267,12 @@ def test_windows_slide_with_overlap_and_cover_every_block():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="bits"):
-        CBQConfig(bits=5, group_size=32)
-    with pytest.raises(ValueError, match="overlap"):
-        CBQConfig(bits=4, group_size=32, window=2, overlap=2)
+    assert CBQ() == CBQ(bits=4, group_size=128, symmetric=False, rank=5, iterations=200, lr=1e-3, batch_size=4,
+                        window=2, overlap=1, reg_weight=0.01, kl_weight=1.0, seed=0)
+    with pytest.raises(CompressError, match="bits"):
+        CBQ(bits=5, group_size=32)
+    with pytest.raises(CompressError, match="overlap"):
+        CBQ(bits=4, group_size=32, window=2, overlap=2)
+    for kwargs in (dict(rank=0), dict(window=0), dict(iterations=-1), dict(batch_size=0), dict(lr=0.0)):
+        with pytest.raises(CompressError):
+            CBQ(bits=4, group_size=32, **kwargs)

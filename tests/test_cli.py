@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import compress.streaming as streaming
-from compress.cli import main
+from compress import GPTQ, SVD, Recipe
+from compress.cli import build_recipe, compress_parser, main
 from compress.models import DEMO_DIR
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "--no-eval-ppl"]
@@ -47,7 +48,8 @@ def test_offline_hub_id_says_to_pass_a_directory(capsys, tmp_path):
     (["--wbits", "4", "--group-size", "1000"], "group size 1000 divides no layer"),
     (["--wbits", "4"], "group size 128 divides no layer"),
     (W4 + ["--calib", "/no/such/corpus.txt"], "cannot read text from '/no/such/corpus.txt'"),
-    (["--factorize", "svd"], "need --rank-budget"),
+    (["--wbits", "4", "--act-order"], "--act-order does not apply to --quantize rtn"),
+    (["--rank-budget", "0.5", "--damp", "0.1"], "--damp does not apply to --quantize rtn"),
     ([], "nothing to do"),
 ])
 def test_bad_settings_are_refused(capsys, tmp_path, tiny_model_dir, flags, message):
@@ -55,11 +57,22 @@ def test_bad_settings_are_refused(capsys, tmp_path, tiny_model_dir, flags, messa
     refuse(capsys, ["--model", str(tiny_model_dir), "--out", str(out)] + flags + FAST, message, out)
 
 
+def test_a_stage_without_its_method_flag_takes_the_method_defaults():
+    def recipe(*flags):
+        return build_recipe(compress_parser().parse_args(["--model", "demo", *flags]))
+
+    assert recipe("--factorize", "svd") == Recipe(factorize=SVD(rank_budget=0.5))
+    assert recipe("--quantize", "gptq", "--act-order").quantize == GPTQ(act_order=True)
+    assert recipe("--wbits", "3").quantize.group_size == 128
+    assert recipe("--wbits", "3").true_sequential and not recipe("--wbits", "3", "--no-true-sequential").true_sequential
+
+
 def test_unreadable_calibration_files_are_refused(capsys, tmp_path, tiny_model_dir):
     (tmp_path / "corpus.bin").write_bytes(b"\x00\x01")
     empty = tmp_path / "empty"
     empty.mkdir()
-    for source, message in ((tmp_path / "corpus.bin", "use files of one kind"), (empty, "no .txt, .jsonl or .parquet")):
+    for source, message in ((tmp_path / "corpus.bin", "use files of one kind"),
+                            (empty, "no .txt, .jsonl or .parquet")):
         refuse(capsys, ["--model", str(tiny_model_dir), *W4, "--calib", str(source), "--out",
                         str(tmp_path / "o")] + FAST, message, tmp_path / "o")
 
@@ -88,14 +101,19 @@ def test_interrupted_write_leaves_nothing(capsys, tmp_path, tiny_model_dir, monk
 
 def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_dir):
     first = tmp_path / "first"
-    assert main(["--model", str(tiny_model_dir), "--rank-budget", "0.5", "--wbits", "8", "--group-size", "16", "--out", str(first)] + FAST) == 0
+    assert main(["--model", str(tiny_model_dir), "--rank-budget", "0.5", "--wbits", "8", "--group-size", "16",
+                 "--no-true-sequential", "--out", str(first)] + FAST) == 0
+    assert not Recipe.load(first / "recipe.yaml").true_sequential
     again = tmp_path / "again"
-    assert main(["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-eval-ppl", "--out", str(again)]) == 0
+    assert main(["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-eval-ppl", "--out",
+                 str(again)]) == 0
     tensors = sorted(path.name for path in first.glob("*.safetensors"))
     assert tensors and tensors == sorted(path.name for path in again.glob("*.safetensors"))
     assert all((first / name).read_bytes() == (again / name).read_bytes() for name in tensors)
     refuse(capsys, ["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--wbits", "4",
                     "--out", str(tmp_path / "x")], "drop --wbits")
+    refuse(capsys, ["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-true-sequential",
+                    "--out", str(tmp_path / "x")], "drop --no-true-sequential")
 
 
 def test_console_script_end_to_end(tmp_path, tiny_model_dir):
@@ -125,7 +143,8 @@ def test_console_script_end_to_end(tmp_path, tiny_model_dir):
 def test_eval_reads_a_plain_model_directory(capsys, tmp_path, tiny_model_dir):
     text = tmp_path / "eval.txt"
     text.write_text((DEMO_DIR / "heldout.txt").read_text()[:4000])
-    assert main(["eval", str(tiny_model_dir), "--ppl", str(text), "--seqlen", "32", "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["eval", str(tiny_model_dir), "--ppl", str(text), "--seqlen", "32", "--json",
+                 str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["seqlen"] == 32 and result["perplexity"] > 100  # random weights: near the vocabulary size
     refuse(capsys, ["eval", str(tmp_path / "nothing"), "--ppl", str(text)], "does not exist")

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from calibration import block_linears, capture_block_inputs, find_blocks, load_text, record_grams, sample_windows
-from compress import Factorize, Recipe, compress_model
+from calibration import Statistics
+from compress import SVD, SVDLLM, Recipe, compress_model
 from compress.allocate import rank_for_budget
-from compress.factorize.svd import factorize_svd
+from compress.factorize.svd import truncated_lowrank
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.linalg import output_error
 from compress.models import DEMO_DIR, load_model
@@ -52,8 +53,9 @@ def test_whitened_svd_beats_plain_svd_on_real_activations(demo):
     for name, linear in linears.items():
         weight, gram = linear.weight.detach().float(), grams[name].gram
         rank = rank_for_budget(*weight.shape, 0.5)
-        whitened = output_error(weight, factorize_svd_llm(weight, gram, rank)[0].weight(), gram)
-        plain = output_error(weight, factorize_svd(weight, rank).weight(), gram)
+        whitened_lowrank = factorize_svd_llm(weight, Statistics(gram), rank, SVDLLM()).lowrank
+        whitened = output_error(weight, whitened_lowrank.weight(), gram)
+        plain = output_error(weight, truncated_lowrank(weight, rank).weight(), gram)
         assert whitened < plain, name
 
 
@@ -61,9 +63,9 @@ def test_svd_llm_beats_svd_in_perplexity(demo):
     _, tokenizer = demo
     ids = torch.tensor(tokenizer((DEMO_DIR / "heldout.txt").read_text()[:60000], verbose=False)["input_ids"])
     results = {}
-    for method in ("svd", "svd-llm"):
+    for method, config in (("svd", SVD(0.5)), ("svd-llm", SVDLLM(rank_budget=0.5))):
         model, _, _ = load_model("demo")
-        recipe = Recipe(factorize=Factorize(method, 0.5), calibration=Calibration(nsamples=16))
+        recipe = Recipe(factorize=config, calibration=Calibration(nsamples=16))
         compressed = compress_model(model, recipe, tokenizer=tokenizer, progress=False)
         results[method] = perplexity(compressed.model, ids, 256, progress=False)
     assert results["svd-llm"] < results["svd"], results

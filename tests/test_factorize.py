@@ -1,6 +1,8 @@
 import torch
 
-from compress.factorize.svd import factorize_svd
+from calibration import Statistics
+from compress import SVDLLM
+from compress.factorize.svd import truncated_lowrank
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.linalg import damped_cholesky, output_error
 
@@ -19,7 +21,7 @@ def test_whitened_svd_equals_closed_form_optimum():
     x = correlated_inputs(8, 40).T  # (in, tokens)
     gram = x @ x.T
     for rank in (1, 3, 5):
-        lowrank, _ = factorize_svd_llm(weight, gram, rank)
+        lowrank = factorize_svd_llm(weight, Statistics(gram), rank, SVDLLM()).lowrank
         U, S, Vh = torch.linalg.svd(weight @ x, full_matrices=False)
         best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         loss = ((weight - lowrank.weight()) @ x).norm()
@@ -34,8 +36,9 @@ def test_whitened_svd_beats_plain_svd_on_output_error_and_error_falls_with_rank(
     gram = x.T @ x
     previous = float("inf")
     for rank in (2, 4, 8, 16, 24):
-        whitened = output_error(weight, factorize_svd_llm(weight, gram, rank)[0].weight(), gram)
-        plain = output_error(weight, factorize_svd(weight, rank).weight(), gram)
+        whitened_lowrank = factorize_svd_llm(weight, Statistics(gram), rank, SVDLLM()).lowrank
+        whitened = output_error(weight, whitened_lowrank.weight(), gram)
+        plain = output_error(weight, truncated_lowrank(weight, rank).weight(), gram)
         assert whitened < plain
         assert whitened < previous
         previous = whitened
@@ -57,5 +60,6 @@ def test_singular_gram_is_damped_not_fatal():
     assert damp > 0
     assert torch.isfinite(root).all()
     weight = torch.randn(8, 16, dtype=torch.float64)
-    lowrank, _ = factorize_svd_llm(weight, gram, 4)
-    assert torch.isfinite(lowrank.weight()).all()
+    factorization = factorize_svd_llm(weight, Statistics(gram), 4, SVDLLM())
+    assert factorization.damp == damp
+    assert torch.isfinite(factorization.lowrank.weight()).all()

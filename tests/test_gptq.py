@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from compress import GPTQ, CompressError
+from compress.quantize import Quantization
 from compress.quantize.gptq import GPTQInfo, quantize_gptq, run_gptq
-from compress.quantize.rtn import quantize_rtn
+from compress.quantize.rtn import round_to_nearest
 from kernels.grid import QuantizedWeight
 
 
@@ -34,11 +36,14 @@ def damped(gram, damp):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, symmetric):
     weight, gram = problem()
-    rtn = objective(weight, quantize_rtn(weight, bits, group_size, symmetric).dequantize(), gram)
+    rtn = objective(weight, round_to_nearest(weight, bits, group_size, symmetric).dequantize(), gram)
     for act_order in (False, True):
-        packed, info = quantize_gptq(weight, gram, bits, group_size, symmetric, act_order=act_order, static_groups=act_order)
-        assert isinstance(packed, QuantizedWeight) and isinstance(info, GPTQInfo)
-        assert not info.damp_raised and info.damp == 0.01 and info.g_idx is None
+        config = GPTQ(bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                      static_groups=act_order)
+        quantization = quantize_gptq(weight, gram, config)
+        packed = quantization.weight
+        assert isinstance(quantization, Quantization) and isinstance(packed, QuantizedWeight)
+        assert not quantization.damp_raised and quantization.damp == 0.01 and packed.g_idx is None
         ratio = objective(weight, packed.dequantize(), gram) / rtn
         assert ratio < (0.85 if bits <= 3 else 1.0), (act_order, ratio)
 
@@ -49,9 +54,14 @@ def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, symmetric):
 def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits):
     weight, gram = problem(rows=16, cols=96)
     # block_size 40 and group_size 32 do not align: groups straddle blocks.
-    kwargs = dict(act_order=act_order, static_groups=act_order, block_size=40)
-    result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs)
-    packed, info = quantize_gptq(weight, gram, bits, 32, symmetric, **kwargs)
+    kwargs = dict(act_order=act_order, static_groups=act_order)
+    result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs, block_size=40)
+    info = result.info
+    assert isinstance(info, GPTQInfo)
+    quantization = quantize_gptq(weight, gram, GPTQ(bits=bits, group_size=32, symmetric=symmetric, **kwargs),
+                                 block_size=40)
+    packed = quantization.weight
+    assert quantization.damp == info.damp and quantization.damp_raised == info.damp_raised
     assert torch.equal(packed.dequantize(), result.dequantized)
     assert torch.equal(packed.ints(), result.ints)
     assert packed.ints().min() >= 0 and packed.ints().max() <= 2**bits - 1
@@ -65,8 +75,8 @@ def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_identity_gram_gives_rtn(group_size, symmetric):
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
-    packed, _ = quantize_gptq(weight, torch.eye(128), 3, group_size, symmetric)
-    rtn = quantize_rtn(weight, 3, group_size, symmetric)
+    packed = quantize_gptq(weight, torch.eye(128), GPTQ(bits=3, group_size=group_size, symmetric=symmetric)).weight
+    rtn = round_to_nearest(weight, 3, group_size, symmetric)
     assert torch.equal(packed.ints(), rtn.ints())
     assert torch.equal(packed.scales, rtn.scales)
     assert torch.equal(packed.zeros(), rtn.zeros())
@@ -77,7 +87,9 @@ def test_dead_input_and_rank_deficient_gram():
     X = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))  # 20 tokens < 64 columns: rank 20
     X[:, 5] = 0  # a dead input channel
     gram = X.double().T @ X.double()
-    packed, info = quantize_gptq(weight, gram, 4, 32, symmetric=False, act_order=True, static_groups=True)
+    config = GPTQ(bits=4, group_size=32, symmetric=False, act_order=True, static_groups=True)
+    packed = quantize_gptq(weight, gram, config).weight
+    info = run_gptq(weight, gram, 4, 32, symmetric=False, act_order=True, static_groups=True).info
     assert torch.isfinite(packed.dequantize()).all() and torch.isfinite(torch.tensor(info.loss))
     assert (packed.dequantize()[:, 5] == 0).all()  # dead columns are zeroed before quantization
 
@@ -86,36 +98,47 @@ def test_damping_is_raised_when_cholesky_fails_and_reported():
     weight, gram = problem(rows=8, cols=32, tokens=256)
     eigenvalues, vectors = torch.linalg.eigh(gram)
     v = vectors[:, :1]
-    # A negative eigenvalue of -5% of the mean diagonal (as from a badly accumulated gram): 1% damping cannot fix it, 10% can.
+    # A negative eigenvalue of -5% of the mean diagonal (as from a badly accumulated gram): 1% damping cannot fix
+    # it, 10% can.
     broken = gram + (-0.05 * gram.diagonal().mean() - eigenvalues[0]) * (v @ v.T)
-    packed, info = quantize_gptq(weight, broken, 4, 32, symmetric=True)
-    assert info.damp_raised and info.damp == pytest.approx(0.1)
-    assert torch.isfinite(packed.dequantize()).all()
+    quantization = quantize_gptq(weight, broken, GPTQ(bits=4, group_size=32, symmetric=True))
+    assert quantization.damp_raised and quantization.damp == pytest.approx(0.1)
+    assert torch.isfinite(quantization.weight.dequantize()).all()
 
     hopeless = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalue -2 against a mean diagonal of 1
     with pytest.raises(ValueError, match="not positive definite"):
-        quantize_gptq(torch.randn(4, 2), hopeless, 4, 2, symmetric=True)
+        quantize_gptq(torch.randn(4, 2), hopeless, GPTQ(bits=4, group_size=2, symmetric=True))
 
 
 def test_act_order_with_dynamic_groups_carries_gidx():
     weight, gram = problem(rows=16, cols=96)
-    quantized, info = quantize_gptq(weight, gram, 3, 32, symmetric=False, act_order=True)
+    quantized = quantize_gptq(weight, gram, GPTQ(bits=3, group_size=32, symmetric=False, act_order=True)).weight
     result = run_gptq(weight, gram, 3, 32, symmetric=False, act_order=True)
-    assert torch.equal(quantized.dequantize(), result.dequantized)  # the packed weight reads its groups through g_idx
-    g_idx, ints = info.g_idx, quantized.ints()
+    # the packed weight reads its groups through g_idx
+    assert torch.equal(quantized.dequantize(), result.dequantized)
+    g_idx, ints = result.info.g_idx, quantized.ints()
     assert g_idx.shape == (96,) and torch.equal(quantized.g_idx.long(), g_idx.long())
-    assert torch.equal(torch.bincount(g_idx, minlength=3), torch.full((3,), 32))  # every group holds group_size columns
+    # every group holds group_size columns
+    assert torch.equal(torch.bincount(g_idx, minlength=3), torch.full((3,), 32))
     assert not torch.equal(g_idx, torch.arange(96) // 32)  # the groups really are out of column order here
     assert ints.min() >= 0 and ints.max() <= 7
     # Columns of the first group are those with the largest gram diagonal.
-    assert set(g_idx.eq(0).nonzero().flatten().tolist()) == set(gram.diagonal().argsort(descending=True)[:32].tolist())
-    rtn = objective(weight, quantize_rtn(weight, 3, 32, False).dequantize(), gram)
+    largest = gram.diagonal().argsort(descending=True)[:32]
+    assert set(g_idx.eq(0).nonzero().flatten().tolist()) == set(largest.tolist())
+    rtn = objective(weight, round_to_nearest(weight, 3, 32, False).dequantize(), gram)
     assert objective(weight, result.dequantized, gram) < 0.8 * rtn
     # With one group per row act-order needs no g_idx.
-    packed, info = quantize_gptq(weight, gram, 3, 96, symmetric=False, act_order=True)
-    assert isinstance(packed, QuantizedWeight) and info.g_idx is None
+    packed = quantize_gptq(weight, gram, GPTQ(bits=3, group_size=96, symmetric=False, act_order=True)).weight
+    info = run_gptq(weight, gram, 3, 96, symmetric=False, act_order=True).info
+    assert isinstance(packed, QuantizedWeight) and info.g_idx is None and packed.g_idx is None
 
 
 def test_bad_group_size_is_rejected():
     with pytest.raises(ValueError, match="resolve_group_size"):
-        quantize_gptq(torch.randn(4, 96), torch.eye(96), 4, 64, symmetric=True)
+        quantize_gptq(torch.randn(4, 96), torch.eye(96), GPTQ(bits=4, group_size=64, symmetric=True))
+
+
+def test_invalid_configs_are_refused():
+    for kwargs in (dict(damp=-0.1), dict(damp=1.5), dict(bits=5), dict(group_size=-1)):
+        with pytest.raises(CompressError):
+            GPTQ(**kwargs)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from compress.quantize.rtn import quantize_rtn
+from compress import RTN, CompressError
+from compress.quantize.rtn import quantize_rtn, round_to_nearest
 from kernels.grid import SUPPORTED_BITS, dequantize, find_params, pack, quantize_ints, resolve_group_size, unpack
 
 
@@ -25,7 +26,8 @@ def test_pack_uses_every_bit_of_the_word():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_rtn_error_falls_as_bits_rise(symmetric):
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
-    errors = [(quantize_rtn(weight, bits, 128, symmetric).dequantize() - weight).norm().item() for bits in (2, 3, 4, 8)]
+    errors = [(round_to_nearest(weight, bits, 128, symmetric).dequantize() - weight).norm().item()
+              for bits in (2, 3, 4, 8)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] / weight.norm().item() < 0.01
 
@@ -34,7 +36,10 @@ def test_rtn_error_falls_as_bits_rise(symmetric):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_rtn_values_on_grid_and_within_half_step(bits, symmetric):
     weight = torch.randn(8, 96, generator=torch.Generator().manual_seed(bits))
-    q = quantize_rtn(weight, bits, 32, symmetric)
+    q = round_to_nearest(weight, bits, 32, symmetric)
+    quantization = quantize_rtn(weight, None, RTN(bits=bits, group_size=32, symmetric=symmetric))
+    assert quantization.damp is None and not quantization.damp_raised
+    assert torch.equal(quantization.weight.qweight, q.qweight) and torch.equal(quantization.weight.scales, q.scales)
     ints = q.ints()
     assert ints.min() >= 0 and ints.max() <= 2**bits - 1
     scale = q.scales.float().repeat_interleave(32, dim=1)
@@ -58,3 +63,10 @@ def test_group_size_falls_back_to_largest_divisor():
     assert resolve_group_size(200, 128) == 100
     assert resolve_group_size(42, 32) == 21
     assert resolve_group_size(100, 0) == 100
+
+
+def test_invalid_grids_are_refused():
+    for kwargs in (dict(bits=5), dict(bits=1), dict(group_size=-8)):
+        with pytest.raises(CompressError):
+            RTN(**kwargs)
+    assert RTN() == RTN(bits=4, group_size=128, symmetric=False)

@@ -51,7 +51,8 @@ def test_matmul_kernels_dequantize_like_the_reference(kernel, bits, symmetric, a
     x, t = torch.randn(rows, in_features, generator=g), torch.randn(rows, rank, generator=g)
     bias = torch.randn(out_features, generator=g)
     matmul = fused_matmul if kernel == "fused" else splitk_matmul
-    assert relative_error(matmul(x, weight, t, up, bias), matmul_reference(x, weight, t, up, bias)) <= TOLERANCE[torch.float32]
+    expected = matmul_reference(x, weight, t, up, bias)
+    assert relative_error(matmul(x, weight, t, up, bias), expected) <= TOLERANCE[torch.float32]
     assert relative_error(matmul(x, weight), matmul_reference(x, weight)) <= TOLERANCE[torch.float32]
 
 
@@ -65,7 +66,8 @@ def layer_parts(case: str, g: torch.Generator):
                 torch.randn(out_features, 5, generator=g) * 0.1, torch.randn(5, in_features, generator=g) * 0.1)
     if case == "act-order base + quantized factors":
         return (random_quantized(out_features, in_features, 3, 24, False, True, g),
-                random_quantized(out_features, 20, 4, 20, True, False, g), random_quantized(20, in_features, 8, 72, False, False, g))
+                random_quantized(out_features, 20, 4, 20, True, False, g),
+                random_quantized(20, in_features, 8, 72, False, False, g))
     if case == "quantized factors only":
         return (None, random_quantized(out_features, 6, 4, 6, False, False, g),
                 random_quantized(6, in_features, 4, 24, False, False, g))
@@ -91,12 +93,19 @@ def test_lowrank_linear_through_the_kernels(triton_path, case, batch, dtype):
 
 def test_compressed_linear_forward_is_the_same_on_both_paths(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    layer = CompressedLinear.from_parts(*layer_parts("act-order base + quantized factors", g), torch.randn(37, generator=g))
+    parts = layer_parts("act-order base + quantized factors", g)
+    layer = CompressedLinear.from_parts(*parts, torch.randn(37, generator=g))
+    assert layer.kernel == "auto"
     x = torch.randn(2, 9, 72, generator=g).half()
     monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
     reference = layer(x)
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
     assert relative_error(layer(x), reference) <= TOLERANCE[torch.float16]
+    # the same through the explicit choice, whatever the environment says
+    monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
+    explicit = CompressedLinear.from_parts(*parts, layer.bias.data, kernel="triton")
+    assert explicit.kernel == "triton"
+    assert relative_error(explicit(x), reference) <= TOLERANCE[torch.float16]
 
 
 def test_dispatch_picks_the_reference_for_cpu_tensors_unless_told(monkeypatch):
@@ -108,17 +117,44 @@ def test_dispatch_picks_the_reference_for_cpu_tensors_unless_told(monkeypatch):
     monkeypatch.setenv(kernels.KERNELS_ENV, "cuda")
     with pytest.raises(ValueError, match="COMPRESS_KERNELS"):
         kernels.use_triton(x)
+    with pytest.raises(ValueError, match="kernel choice"):
+        kernels.use_triton(x, kernel="cuda")
 
 
-def test_forced_choice_overrides_the_environment_and_nests(monkeypatch):
+def test_explicit_choice_overrides_the_environment_and_auto_obeys_it(monkeypatch):
     x = torch.zeros(1, 4)
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
-    with kernels.forced("reference"):
-        assert not kernels.use_triton(x)
-        with kernels.forced("triton"):
-            assert kernels.use_triton(x)
-        assert not kernels.use_triton(x)
-    assert kernels.use_triton(x)
+    assert not kernels.use_triton(x, kernel="reference")
+    assert kernels.use_triton(x, kernel="triton")
+    assert kernels.use_triton(x, kernel="auto") and kernels.use_triton(x)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
+    assert kernels.use_triton(x, kernel="triton")
+    assert not kernels.use_triton(x, kernel="reference")
+    assert not kernels.use_triton(x, kernel="auto") and not kernels.use_triton(x)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "cuda")  # an explicit choice does not even read the environment
+    assert kernels.use_triton(x, kernel="triton") and not kernels.use_triton(x, kernel="reference")
+
+
+def test_a_layers_kernel_picks_its_path_whatever_the_environment(monkeypatch):
+    calls = []
+
+    def spy(*args):
+        calls.append(len(args))
+        return lowrank_linear_reference(*args)
+
+    monkeypatch.setattr(kernels, "lowrank_linear_triton", spy)
+    g = torch.Generator().manual_seed(1)
+    parts = layer_parts("quantized base + dense factors", g)
+    x = torch.randn(3, 72, generator=g)
+    expected = lowrank_linear_reference(x, *CompressedLinear.from_parts(*parts).operands(), None)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    assert torch.equal(CompressedLinear.from_parts(*parts, kernel="reference")(x), expected) and calls == []
+    assert torch.equal(CompressedLinear.from_parts(*parts)(x), expected) and len(calls) == 1  # auto: the env var
+    monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
+    assert torch.equal(CompressedLinear.from_parts(*parts, kernel="triton")(x), expected) and len(calls) == 2
+    assert torch.equal(CompressedLinear.from_parts(*parts)(x), expected) and len(calls) == 2
+    assert torch.equal(kernels.lowrank_linear(x, *CompressedLinear.from_parts(*parts).operands(), kernel="triton"),
+                       expected) and len(calls) == 3
 
 
 def gptq_block_inputs(rows: int, cols: int, bits: int, g: torch.Generator):
@@ -159,7 +195,36 @@ def test_gptq_runs_its_blocks_through_the_kernel_with_the_same_result(monkeypatc
     results = {}
     for path in ("reference", "triton"):
         monkeypatch.setenv(kernels.KERNELS_ENV, path)
-        with kernels.forced("reference"):  # the pipeline's pin on the matmul path does not reach GPTQ
-            results[path] = run_gptq(weight, gram, 3, 24, symmetric=False, act_order=True, block_size=32)
+        results[path] = run_gptq(weight, gram, 3, 24, symmetric=False, act_order=True, block_size=32)
     for field in ("ints", "scales", "zeros", "g_idx", "dequantized"):
         assert torch.equal(getattr(results["triton"], field), getattr(results["reference"], field)), field
+
+
+def test_a_layers_kernel_does_not_reach_gptq(monkeypatch):
+    """The pipeline builds its layers with kernel="reference" (the matmul that propagates the calibration
+    streams); GPTQ's column loop still takes the path COMPRESS_KERNELS says, with the same bits."""
+    import kernels.gptq_triton
+    from calibration import Statistics
+    from compress import GPTQ
+    from compress.stages import compress_linear
+
+    triton_block, calls = kernels.gptq_triton.gptq_block_triton, []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return triton_block(*args)
+
+    monkeypatch.setattr(kernels.gptq_triton, "gptq_block_triton", spy)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 48, generator=g, dtype=torch.float64)
+    linear = torch.nn.Linear(48, 16, bias=False)
+    config = GPTQ(bits=3, group_size=16, act_order=True)
+    layers = {}
+    for path in ("reference", "triton"):
+        monkeypatch.setenv(kernels.KERNELS_ENV, path)
+        layers[path], _ = compress_linear("layer", linear, Statistics(x.T @ x), None, None, config, None,
+                                          kernel="reference")
+        assert layers[path].kernel == "reference"
+        assert bool(calls) == (path == "triton")
+    assert torch.equal(layers["triton"].base.operand().ints(), layers["reference"].base.operand().ints())
+    assert torch.equal(layers["triton"].weight_approx(), layers["reference"].weight_approx())

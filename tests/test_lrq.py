@@ -6,8 +6,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from calibration import block_linears
 from calibration.capture import capture_block_inputs, run_block
-from compress.quantize.lrq import LRQConfig, LRQParams, lrq_rounded, lrq_weight, quantize_block_lrq, train_lrq_block
-from compress.quantize.rtn import quantize_rtn
+from compress import LRQ, CompressError
+from compress.quantize.lrq import (LRQParams, lrq_rounded, lrq_weight, quantize_block_lrq, quantize_window_lrq,
+                                   train_lrq_block)
+from compress.quantize.rtn import round_to_nearest
 from kernels.grid import find_params, make_quantized, quantize_ints
 
 
@@ -41,9 +43,9 @@ def block_error(block, linears, quantized, inputs, targets, kwargs):
 @pytest.mark.parametrize("bits", [3, 2])
 def test_lrq_beats_rtn_on_the_block_output(block_problem, bits):
     block, linears, inputs, targets, kwargs = block_problem
-    config = LRQConfig(bits=bits, group_size=32)
+    config = LRQ(bits=bits, group_size=32)
     lrq = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
-    rtn = {name: quantize_rtn(linear.weight.detach().float(), bits, 32, False) for name, linear in linears.items()}
+    rtn = {name: round_to_nearest(linear.weight.detach().float(), bits, 32, False) for name, linear in linears.items()}
     lrq_error = block_error(block, linears, lrq, inputs, targets, kwargs)
     rtn_error = block_error(block, linears, rtn, inputs, targets, kwargs)
     print(f"{bits} bits g32: block error LRQ / RTN = {lrq_error / rtn_error:.3f}")
@@ -53,10 +55,10 @@ def test_lrq_beats_rtn_on_the_block_output(block_problem, bits):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_zero_iterations_is_rtn(block_problem, symmetric):
     block, linears, inputs, targets, kwargs = block_problem
-    config = LRQConfig(bits=3, group_size=32, iterations=0, symmetric=symmetric)
+    config = LRQ(bits=3, group_size=32, iterations=0, symmetric=symmetric)
     lrq = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
     for name, linear in linears.items():
-        rtn = quantize_rtn(linear.weight.detach().float(), 3, 32, symmetric)
+        rtn = round_to_nearest(linear.weight.detach().float(), 3, 32, symmetric)
         assert torch.equal(lrq[name].ints(), rtn.ints())
         assert torch.equal(lrq[name].scales, rtn.scales) and torch.equal(lrq[name].zeros(), rtn.zeros())
         assert lrq[name].symmetric == symmetric
@@ -65,7 +67,7 @@ def test_zero_iterations_is_rtn(block_problem, symmetric):
 def test_folded_weight_is_what_training_evaluated(block_problem):
     """The packed weight dequantizes bit for bit to W_hat of the learned parameters after training."""
     block, linears, inputs, targets, kwargs = block_problem
-    config = LRQConfig(bits=3, group_size=32, iterations=30)
+    config = LRQ(bits=3, group_size=32, iterations=30)
     quantizers = train_lrq_block(block, linears, inputs, targets, kwargs, config)
     packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
     for name, linear in linears.items():
@@ -109,7 +111,7 @@ def test_gradients_reach_every_parameter():
 def test_ints_on_grid_and_block_unchanged(block_problem, bits):
     block, linears, inputs, targets, kwargs = block_problem
     before = {name: p.detach().clone() for name, p in block.named_parameters()}
-    config = LRQConfig(bits=bits, group_size=32, iterations=20, rank=64)
+    config = LRQ(bits=bits, group_size=32, iterations=20, rank=64)
     packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
     for name, p in block.named_parameters():
         assert torch.equal(p, before[name]) and p.grad is None and p.requires_grad, name
@@ -123,15 +125,32 @@ def test_ints_on_grid_and_block_unchanged(block_problem, bits):
 
 def test_group_size_resolved_per_linear(block_problem):
     block, linears, inputs, targets, kwargs = block_problem
-    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, LRQConfig(bits=4, group_size=48, iterations=2))
+    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, LRQ(bits=4, group_size=48, iterations=2))
     for name, linear in linears.items():  # 48 divides neither 64 nor 128: the largest divisor below it, 32
         assert packed[name].group_size == 32
-    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, LRQConfig(bits=4, group_size=0, iterations=2))
+    packed = quantize_block_lrq(block, linears, inputs, targets, kwargs, LRQ(bits=4, group_size=0, iterations=2))
     assert all(q.scales.shape[1] == 1 for q in packed.values())
 
 
+def test_window_of_one_block_is_the_block(block_problem):
+    """The learned quantizers' interface: LRQ's window is one block, learned as quantize_block_lrq does."""
+    block, linears, inputs, targets, kwargs = block_problem
+    config = LRQ(bits=3, group_size=32, iterations=3)
+    assert (config.window, config.overlap) == (1, 0)
+    (window,) = quantize_window_lrq([block], [linears], inputs, targets, kwargs, config)
+    single = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
+    assert set(window) == set(single) == set(linears)
+    for name in linears:
+        assert torch.equal(window[name].dequantize(), single[name].dequantize())
+
+
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError):
-        LRQConfig(bits=5, group_size=32)
-    with pytest.raises(ValueError):
-        LRQConfig(bits=4, group_size=32, batch_size=0)
+    assert LRQ() == LRQ(bits=4, group_size=128, symmetric=False, iterations=200, lr=1e-3, batch_size=4, seed=0,
+                        rank=16)
+    with pytest.raises(CompressError):
+        LRQ(bits=5, group_size=32)
+    with pytest.raises(CompressError):
+        LRQ(bits=4, group_size=32, batch_size=0)
+    for kwargs in (dict(rank=-1), dict(iterations=-1), dict(lr=0.0), dict(group_size=-1)):
+        with pytest.raises(CompressError):
+            LRQ(bits=4, **kwargs)

@@ -3,14 +3,14 @@ import shutil
 
 import pytest
 
-from compress import CompressError, Quantize, Recipe, compress_model, load_compressed, save_compressed
+from compress import RTN, CompressError, Recipe, compress_model, load_compressed, save_compressed
 from compress.recipe import Calibration
 
 
 @pytest.fixture(scope="module")
 def saved(tiny_model_dir, tmp_path_factory):
-    result = compress_model(str(tiny_model_dir), Recipe(quantize=Quantize(bits=4, group_size=32),
-                                                        calibration=Calibration(nsamples=2, seqlen=16)), progress=False)
+    recipe = Recipe(quantize=RTN(bits=4, group_size=32), calibration=Calibration(nsamples=2, seqlen=16))
+    result = compress_model(str(tiny_model_dir), recipe, progress=False)
     return save_compressed(result, tmp_path_factory.mktemp("native") / "out")
 
 

@@ -6,13 +6,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibration import block_linears, capture_block_inputs, find_blocks, load_text, record_grams, sample_windows
-from compress import Compensate, Quantize, Recipe, compress_model
+from calibration import Statistics
+from compress import GPTQ, EoRA, LoRC, Recipe, compress_model
 from compress.checkpoints import gptq_tensors, read_quantized_weights
 from compress.cli import main
 from compress.models import DEMO_DIR, load_model
-from compress.pipeline import DEFAULT_CALIBRATION, compensate
+from compress.pipeline import DEFAULT_CALIBRATION
 from compress.quantize.gptq import quantize_gptq
-from compress.quantize.rtn import quantize_rtn
+from compress.quantize.rtn import round_to_nearest
+from compress.stages import compensation
 from compress.recipe import Calibration
 from evaluations.perplexity import perplexity
 
@@ -40,29 +42,31 @@ def real_layers():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_beats_rtn_on_real_activations(real_layers, bits):
     for name, (weight, gram) in real_layers.items():
-        rtn = quantize_rtn(weight, bits, 128, symmetric=False).dequantize()
-        gptq, _ = quantize_gptq(weight, gram, bits, 128, symmetric=False, act_order=True, static_groups=True)
+        rtn = round_to_nearest(weight, bits, 128, symmetric=False).dequantize()
+        config = GPTQ(bits=bits, group_size=128, symmetric=False, act_order=True, static_groups=True)
+        gptq = quantize_gptq(weight, gram, config).weight
         assert weighted_error(weight, gptq.dequantize(), gram) < weighted_error(weight, rtn, gram), name
 
 
 def test_full_rank_lorc_recovers_the_error_and_eora_beats_lorc(real_layers):
     for name, (weight, gram) in real_layers.items():
-        approx = quantize_rtn(weight, 3, 128, symmetric=False).dequantize()
-        up, down = compensate(weight, approx, gram, Compensate("lorc", min(weight.shape)), None)
+        approx = round_to_nearest(weight, 3, 128, symmetric=False).dequantize()
+        up, down = compensation(weight, approx, Statistics(gram), LoRC(rank=min(weight.shape)), None)
         assert torch.allclose(approx + up.float() @ down.float(), weight, atol=1e-5 * weight.abs().max().item())
         errors = {}
-        for method in ("lorc", "eora"):
-            up, down = compensate(weight, approx, gram, Compensate(method, 16), None)
+        for method, config in (("lorc", LoRC(rank=16)), ("eora", EoRA(rank=16))):
+            up, down = compensation(weight, approx, Statistics(gram), config, None)
             errors[method] = weighted_error(weight, approx + up.float() @ down.float(), gram)
         assert errors["eora"] < errors["lorc"] < weighted_error(weight, approx, gram), name
 
 
 def test_compensate_lowers_demo_perplexity_on_a_gptq_checkpoint(tmp_path):
     model, tokenizer, _ = load_model("demo")
-    result = compress_model(model, Recipe(quantize=Quantize("gptq", 3, 128), calibration=Calibration(nsamples=32)),
-                            tokenizer=tokenizer, progress=False)
+    recipe = Recipe(quantize=GPTQ(bits=3, group_size=128), calibration=Calibration(nsamples=32))
+    result = compress_model(model, recipe, tokenizer=tokenizer, progress=False)
     original = load_model("demo")[0]
-    tensors = {k: v.half() for k, v in original.state_dict().items() if not k.endswith("_proj.weight") or ".layers." not in k}
+    tensors = {k: v.half() for k, v in original.state_dict().items()
+               if not k.endswith("_proj.weight") or ".layers." not in k}
     for name in result.report["layers"]:
         tensors.update(gptq_tensors(name, model.get_submodule(name).base.operand()))
     checkpoint = tmp_path / "gptq"

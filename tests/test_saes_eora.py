@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from compress.factorize.eora import factorize_eora
-from compress.factorize.saes_svd import aces_beta, factorize_saes
+from calibration import Statistics
+from compress import SAES, SVDLLM, CompressError, EoRAFactorize
+from compress.factorize.eora import eigenspace_lowrank, factorize_eora
+from compress.factorize.saes_svd import aces_beta, factorize_saes, saes_lowrank
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.linalg import eigen_root
 from tests.test_factorize import correlated_inputs
@@ -14,7 +16,8 @@ def mild_inputs(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
     """(tokens, n) correlated inputs whose Gram is well conditioned (no eigenvalue near EoRA's cut-off)."""
     g = torch.Generator().manual_seed(seed)
     mixing = (torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64))
-    return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ (mixing * torch.logspace(0, -1, n, dtype=torch.float64))
+    scales = torch.logspace(0, -1, n, dtype=torch.float64)
+    return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ (mixing * scales)
 
 
 def best_loss(target: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -48,8 +51,10 @@ def test_eora_minimises_output_error_for_weight_and_for_quantization_error():
     quant_error = weight - (weight * 4).round() / 4  # W - W_hat for a coarse round-to-nearest grid
     for target in (weight, quant_error):
         for rank in (1, 3, 5):
-            lowrank = factorize_eora(target, gram, rank)
+            lowrank = eigenspace_lowrank(target, gram, rank)
             assert lowrank.up.shape == (12, rank) and lowrank.down.shape == (rank, 8)
+            method = factorize_eora(target, Statistics(gram), rank, EoRAFactorize()).lowrank
+            assert torch.equal(method.up, lowrank.up) and torch.equal(method.down, lowrank.down)
             loss = ((target - lowrank.weight()) @ x).norm()
             assert torch.isclose(loss, best_loss(target, x, rank), rtol=1e-8)
 
@@ -59,9 +64,11 @@ def test_eora_equals_svd_llm_on_a_well_conditioned_gram():
     x = mild_inputs(8, 40, seed=3)
     gram = x.T @ x
     for rank in (2, 4, 7):
-        svd_llm, damp = factorize_svd_llm(weight, gram, rank)
+        factorization = factorize_svd_llm(weight, Statistics(gram), rank, SVDLLM())
+        svd_llm, damp = factorization.lowrank, factorization.damp
         assert damp == 0
-        torch.testing.assert_close(factorize_eora(weight, gram, rank).weight(), svd_llm.weight(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(eigenspace_lowrank(weight, gram, rank).weight(), svd_llm.weight(), rtol=1e-9,
+                                   atol=1e-9)
 
 
 def test_eora_on_an_ill_conditioned_gram_loses_only_the_truncated_eigen_energy():
@@ -75,7 +82,7 @@ def test_eora_on_an_ill_conditioned_gram_loses_only_the_truncated_eigen_energy()
     assert dropped.any()
     dropped_energy = (weight @ Q[:, dropped] * eigenvalues[dropped].sqrt()).square().sum()
     for rank in (1, 3, 5):
-        loss2 = ((weight - factorize_eora(weight, gram, rank).weight()) @ x).square().sum()
+        loss2 = ((weight - eigenspace_lowrank(weight, gram, rank).weight()) @ x).square().sum()
         best2 = best_loss(weight, x, rank).square()
         assert best2 * (1 - 1e-10) <= loss2 <= (best2 + dropped_energy) * (1 + 1e-10)
 
@@ -88,7 +95,7 @@ def test_eora_on_a_rank_deficient_gram_with_a_dead_channel_is_finite_and_optimal
     weight = randn(8, 16, seed=6)
     scale = (weight @ x).norm()
     for rank in (1, 2, 3, 6):  # 6 > rank of the Gram (4): the optimum is zero error
-        lowrank = factorize_eora(weight, gram, rank)
+        lowrank = eigenspace_lowrank(weight, gram, rank)
         assert torch.isfinite(lowrank.up).all() and torch.isfinite(lowrank.down).all()
         loss = ((weight - lowrank.weight()) @ x).norm()
         assert abs(loss - best_loss(weight, x, rank)) <= 1e-8 * scale
@@ -96,14 +103,15 @@ def test_eora_on_a_rank_deficient_gram_with_a_dead_channel_is_finite_and_optimal
 
 def test_eora_keeps_the_weight_dtype():
     x = mild_inputs(8, 40)
-    lowrank = factorize_eora(randn(12, 8, seed=7).float(), (x.T @ x).float(), 3)
+    lowrank = eigenspace_lowrank(randn(12, 8, seed=7).float(), (x.T @ x).float(), 3)
     assert lowrank.up.dtype == lowrank.down.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- SAES-SVD
 
 def two_streams(n: int = 8, tokens: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, X^f) as (tokens, n): the compressed stream and the full-precision one, which differ by a correlated error."""
+    """(X, X^f) as (tokens, n): the compressed stream and the full-precision one, which differ by a correlated
+    error."""
     x = correlated_inputs(n, tokens, seed=seed)
     drift = torch.eye(n, dtype=torch.float64) + 0.2 * randn(n, n, seed=seed + 100)
     return x, x @ drift + 0.05 * correlated_inputs(n, tokens, seed=seed + 200)
@@ -122,10 +130,14 @@ def test_saes_with_beta_zero_is_svd_llm():
     dead[3, :] = dead[:, 3] = 0  # forces damping: the equality must hold with the ridge too
     for H in (gram, dead):
         for rank in (1, 3, 5):
-            saes, beta, damp = factorize_saes(weight, H, cross, rank, beta=0.0)
-            svd_llm, damp_llm = factorize_svd_llm(weight, H, rank)
+            factorization = saes_lowrank(weight, H, cross, rank, beta=0.0)
+            saes, beta, damp = factorization.lowrank, factorization.beta, factorization.damp
+            reference = factorize_svd_llm(weight, Statistics(H), rank, SVDLLM())
+            svd_llm, damp_llm = reference.lowrank, reference.damp
             assert beta == 0.0 and damp == damp_llm
             torch.testing.assert_close(saes.weight(), svd_llm.weight(), rtol=1e-10, atol=1e-10)
+            method = factorize_saes(weight, Statistics(H, cross), rank, SAES(beta=0.0))
+            assert method.beta == 0.0 and method.damp == damp and torch.equal(method.lowrank.up, saes.up)
 
 
 def cealc(M: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, xf: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -151,7 +163,8 @@ def test_saes_with_a_fixed_beta_minimises_cealc():
     for beta in (0.2, 0.5, 0.9):
         alpha = beta / (1 - beta)
         for rank in (1, 3, 5):
-            lowrank, used, damp = factorize_saes(weight, gram, cross, rank, beta=beta)
+            factorization = saes_lowrank(weight, gram, cross, rank, beta=beta)
+            lowrank, used, damp = factorization.lowrank, factorization.beta, factorization.damp
             assert used == beta and damp == 0
             ours = cealc(lowrank.weight(), weight, x, xf, alpha)
             best = cealc(cealc_brute_force(weight, x, xf, alpha, rank), weight, x, xf, alpha)
@@ -184,10 +197,14 @@ def test_aces_beta_minimises_rho_over_the_interval():
             for beta_max in (0.99, 0.5):
                 beta = aces_beta(S, D, rank, beta_max)
                 assert 0.0 <= beta <= beta_max
-                grid = min(reference_rho(S, D, rank, t) for t in torch.linspace(0, beta_max, 200, dtype=torch.float64).tolist())
+                grid = min(reference_rho(S, D, rank, t)
+                           for t in torch.linspace(0, beta_max, 200, dtype=torch.float64).tolist())
                 assert reference_rho(S, D, rank, beta) <= grid + 1e-9
                 interior += 0 < beta < beta_max
-                assert factorize_saes(weight, gram, cross, rank, beta_max=beta_max)[1] == pytest.approx(beta, abs=1e-12)
+                assert saes_lowrank(weight, gram, cross, rank, beta_max=beta_max).beta == pytest.approx(beta, abs=1e-12)
+                config = SAES(beta_min=0.0, beta_max=beta_max)
+                chosen = factorize_saes(weight, Statistics(gram, cross), rank, config).beta
+                assert chosen == pytest.approx(beta, abs=1e-12)
     assert interior > 0  # the stationary-point branch was exercised, not only the endpoints
 
 
@@ -196,9 +213,11 @@ def test_aces_without_accumulated_error_is_svd_llm():
     x = correlated_inputs(8, 40, seed=2)
     gram, cross = stats(x, x)
     for rank in (1, 3, 5):
-        lowrank, beta, _ = factorize_saes(weight, gram, cross, rank)
+        factorization = saes_lowrank(weight, gram, cross, rank)
+        lowrank, beta = factorization.lowrank, factorization.beta
         assert 0.0 <= beta <= 0.99
-        torch.testing.assert_close(lowrank.weight(), factorize_svd_llm(weight, gram, rank)[0].weight(), rtol=1e-10, atol=1e-10)
+        svd_llm = factorize_svd_llm(weight, Statistics(gram), rank, SVDLLM()).lowrank
+        torch.testing.assert_close(lowrank.weight(), svd_llm.weight(), rtol=1e-10, atol=1e-10)
 
 
 def test_saes_rejects_a_beta_outside_the_unit_interval_and_keeps_the_dtype():
@@ -206,9 +225,12 @@ def test_saes_rejects_a_beta_outside_the_unit_interval_and_keeps_the_dtype():
     gram, cross = stats(x, xf)
     weight = randn(12, 8, seed=31)
     with pytest.raises(ValueError):
-        factorize_saes(weight, gram, cross, 2, beta=1.0)
+        saes_lowrank(weight, gram, cross, 2, beta=1.0)
     with pytest.raises(ValueError):
-        factorize_saes(weight, gram, cross, 2, beta_max=1.0)
-    lowrank, _, _ = factorize_saes(weight.float(), gram.float(), cross.float(), 2)
+        saes_lowrank(weight, gram, cross, 2, beta_max=1.0)
+    for kwargs in (dict(beta=1.0), dict(beta=-0.1), dict(beta_max=1.0), dict(beta_min=0.8, beta_max=0.5)):
+        with pytest.raises(CompressError):
+            SAES(**kwargs)
+    lowrank = saes_lowrank(weight.float(), gram.float(), cross.float(), 2).lowrank
     assert lowrank.up.dtype == lowrank.down.dtype == torch.float32
     assert torch.isfinite(lowrank.weight()).all()

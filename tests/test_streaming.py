@@ -8,13 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from calibration import paired_statistics, record_grams
+from calibration import group_statistics, record_grams
 from calibration.capture import capture_block_inputs
+from compress import GPTQ, METHODS, RTN, SVDLLM, LoRAP
+from compress.architectures import LLAMA
 from compress.cli import main
 from compress.errors import CompressError
 from compress.native import load_compressed, save_compressed
 from compress.pipeline import compress_model, compress_to_directory
-from compress.recipe import Calibration, Factorize, Quantize, Recipe
+from compress.recipe import Calibration, Recipe
 from conftest import tiny_llama
 
 FAST = ["--nsamples", "8", "--seqlen", "32", "--no-eval-ppl", "--group-size", "32"]
@@ -56,9 +58,8 @@ def output_files(directory) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("recipe", [
-    Recipe(factorize=Factorize(method="svd-llm", rank_budget=0.5), quantize=Quantize(method="gptq", bits=4, group_size=32),
-           calibration=CALIBRATION),
-    Recipe(factorize=Factorize(method="lorap", rank_budget=0.5, allocate="lorap"), calibration=CALIBRATION),
+    Recipe(factorize=SVDLLM(rank_budget=0.5), quantize=GPTQ(bits=4, group_size=32), calibration=CALIBRATION),
+    Recipe(factorize=LoRAP(rank_budget=0.5), calibration=CALIBRATION),
 ], ids=["svd-llm+gptq", "lorap"])
 def test_streamed_output_equals_the_in_memory_one(tiny_model_dir, tmp_path, recipe):
     in_memory = compress_model(str(tiny_model_dir), recipe, progress=False)
@@ -66,7 +67,8 @@ def test_streamed_output_equals_the_in_memory_one(tiny_model_dir, tmp_path, reci
     streamed = compress_to_directory(str(tiny_model_dir), recipe, tmp_path / "stream", progress=False)
     assert all(t.is_meta for t in streamed.model.state_dict().values())  # nothing stayed in memory
     assert len(list((tmp_path / "stream").glob("model-*-of-00003.safetensors"))) == 3  # 2 blocks + the rest
-    expected, got = load_compressed(tmp_path / "memory").state_dict(), load_compressed(tmp_path / "stream").state_dict()
+    expected = load_compressed(tmp_path / "memory").state_dict()
+    got = load_compressed(tmp_path / "stream").state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
     assert streamed.report["layers"] == in_memory.report["layers"]
 
@@ -127,10 +129,13 @@ def broken_model_dir(tmp_path, demo_tokenizer, edit) -> str:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.model.layers[1].mlp.up_proj.weight.__setitem__((3, 5), float("nan")), "model.layers.1.mlp.up_proj: the weight holds 1 NaN"),
-    (lambda m: m.model.embed_tokens.weight.__setitem__((slice(None), 0), float("inf")), "calibration inputs of the first block hold"),
+    (lambda m: m.model.layers[1].mlp.up_proj.weight.__setitem__((3, 5), float("nan")),
+     "model.layers.1.mlp.up_proj: the weight holds 1 NaN"),
+    (lambda m: m.model.embed_tokens.weight.__setitem__((slice(None), 0), float("inf")),
+     "calibration inputs of the first block hold"),
     (lambda m: m.model.layers[0].post_attention_layernorm.weight.mul_(1e38), "outputs of block 0"),
-    (lambda m: m.model.layers[0].mlp.down_proj.weight.mul_(1e30), "mlp.down_proj: the compressed weight is not finite"),
+    (lambda m: m.model.layers[0].mlp.down_proj.weight.mul_(1e30),
+     "mlp.down_proj: the compressed weight is not finite"),
 ], ids=["nan-weight", "inf-embedding", "overflowing-block", "beyond-fp16-scales"])
 def test_non_finite_values_are_refused_and_nothing_is_written(capsys, tmp_path, demo_tokenizer, edit, message):
     model_dir = broken_model_dir(tmp_path, demo_tokenizer, edit)
@@ -149,8 +154,8 @@ def test_dead_channels_and_constant_windows_are_damped_and_reported(tmp_path, de
         model.model.layers[0].input_layernorm.weight[:8] = 0
     ids = torch.randint(0, len(demo_tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
     ids[1] = 0
-    factorize = None if method == "gptq" else Factorize(method=method, rank_budget=0.5)
-    quantize = Quantize(method="gptq", bits=4, group_size=32) if method == "gptq" else None
+    factorize = None if method == "gptq" else METHODS["factorize"][method][0](rank_budget=0.5)
+    quantize = GPTQ(bits=4, group_size=32) if method == "gptq" else None
     result = compress_model(model, Recipe(factorize=factorize, quantize=quantize), calib=ids, progress=False)
     notes = "\n".join(result.report["notes"])
     assert "model.layers.0.self_attn.q_proj: 8 of 64 input channels were never active" in notes
@@ -166,17 +171,21 @@ def test_linears_reading_one_tensor_share_one_gram(demo_tokenizer):
     linears = {name: layer for name, layer in block.named_modules() if isinstance(layer, torch.nn.Linear)}
     ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(1))
     hidden, kwargs = capture_block_inputs(model, block, ids)
-    stats, _ = paired_statistics(block, linears, hidden, hidden, kwargs, batch_size=2)
+    stats, fp_out = group_statistics(block, list(LLAMA.groups), hidden, kwargs, hidden, fp_outputs=True,
+                                     batch_size=2)
+    assert sorted(stats) == sorted(linears)
     assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
     assert stats["mlp.gate_proj"] is stats["mlp.up_proj"] and stats["mlp.down_proj"] is not stats["mlp.up_proj"]
     with record_grams(linears) as separate:
-        block(hidden, **kwargs)
+        reference = block(hidden, **kwargs)
+    reference = reference[0] if isinstance(reference, tuple) else reference
     for name in linears:
         assert torch.allclose(stats[name].gram, separate[name].gram, rtol=1e-10, atol=1e-8)
+    assert torch.allclose(fp_out, reference, atol=1e-6)
 
 
 def test_a_truncated_block_file_is_refused_on_load(tiny_model_dir, tmp_path):
-    recipe = Recipe(quantize=Quantize(bits=4, group_size=32), calibration=CALIBRATION)
+    recipe = Recipe(quantize=RTN(bits=4, group_size=32), calibration=CALIBRATION)
     out = tmp_path / "o"
     compress_to_directory(str(tiny_model_dir), recipe, out, progress=False)
     shard = out / "model-00001-of-00003.safetensors"
@@ -188,7 +197,8 @@ def test_a_truncated_block_file_is_refused_on_load(tiny_model_dir, tmp_path):
 
 
 def fail_at_layer(monkeypatch, layer: int) -> None:
-    """Make the `layer`-th compress_linear call (1-based) of the next run raise, as a crash in the middle of a block."""
+    """Make the `layer`-th compress_linear call (1-based) of the next run raise, as a crash in the middle of a
+    block."""
     import compress.pipeline as pipeline
 
     calls, original = [0], pipeline.compress_linear
@@ -207,7 +217,7 @@ def state(directory) -> dict[str, torch.Tensor]:
 
 
 def test_a_run_that_fails_while_finishing_resumes_into_the_out_it_may_replace(tiny_model_dir, tmp_path):
-    recipe = Recipe(quantize=Quantize(bits=4, group_size=32), calibration=CALIBRATION)
+    recipe = Recipe(quantize=RTN(bits=4, group_size=32), calibration=CALIBRATION)
     compress_to_directory(str(tiny_model_dir), recipe, tmp_path / "fresh", progress=False)
     out = tmp_path / "o"
     out.mkdir()
@@ -227,7 +237,7 @@ def test_a_run_that_fails_while_finishing_resumes_into_the_out_it_may_replace(ti
 
 
 def test_resume_refuses_a_damaged_block_file_and_another_offload_setting(monkeypatch, tiny_model_dir, tmp_path):
-    recipe = Recipe(quantize=Quantize(bits=4, group_size=32), calibration=CALIBRATION)
+    recipe = Recipe(quantize=RTN(bits=4, group_size=32), calibration=CALIBRATION)
     out, work = tmp_path / "o", tmp_path / ".o.partial"
     fail_at_layer(monkeypatch, 10)  # the 3rd layer of block 1
     with pytest.raises(RuntimeError, match="simulated"):
@@ -253,7 +263,8 @@ def without(name: str):
     (without("config.json"), [], "cannot load the model's config or tokenizer"),
     (without("tokenizer*"), [], "cannot load the model's config or tokenizer"),
 ], ids=["absent-device", "no-config", "no-tokenizer"])
-def test_bad_streaming_input_is_one_line_and_leaves_nothing(capsys, tmp_path, demo_tokenizer, break_it, extra, message):
+def test_bad_streaming_input_is_one_line_and_leaves_nothing(capsys, tmp_path, demo_tokenizer, break_it, extra,
+                                                           message):
     model_dir = broken_model_dir(tmp_path, demo_tokenizer, lambda model: None)
     break_it(tmp_path / "broken")
     capsys.readouterr()  # save_pretrained's progress bar
