@@ -1,7 +1,7 @@
 """Post-training compression of LLMs: W ~= base + up @ down, one block at a time."""
 from compress.errors import CompressError
 from compress.layer import CompressedLinear
-from compress.native import load_compressed, save_compressed
+from compress.formats.native import load_compressed, save_compressed
 from compress.pipeline import Compressed, compress_model
 from compress.recipe import Calibration, Compensate, Factorize, Quantize, Recipe
 

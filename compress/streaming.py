@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.errors import CompressError
-from compress.native import sha256
+from compress.formats.native import sha256
 from kernels.grid import QuantizedWeight
 
 INDEX = "model.safetensors.index.json"

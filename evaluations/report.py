@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.native import atomic_directory
+from compress.formats.native import atomic_directory
 from evaluations.tables import table
 
 ORIGINAL_BITS = 16.0

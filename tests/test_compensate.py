@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.checkpoints import read_quantized_weights
+from compress.formats import read_quantized
 from compress.cli import main
 from test_formats import ct_checkpoint, gptq_checkpoint
 
@@ -75,7 +75,7 @@ def write_checkpoint(tiny_model_dir, path, kind: str, act_order: bool):
                                              ("pack-quantized", False), ("pack-quantized", True)])
 def test_dequantized_weights_come_back_exactly(tiny_model_dir, tmp_path, kind, act_order):
     expected = write_checkpoint(tiny_model_dir, tmp_path / "q", kind, act_order)
-    weights, _ = read_quantized_weights(tmp_path / "q")
+    weights = read_quantized(tmp_path / "q").weights
     assert weights.keys() == expected.keys() and len(weights) == 14
     for name in expected:
         assert torch.equal(weights[name], expected[name]), name

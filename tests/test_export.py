@@ -8,9 +8,11 @@ from safetensors.torch import load_file
 
 from compress.cli import main
 from compress.errors import CompressError
-from compress.export import ExportOptions, export, lora_rank, pad_factors, serving_warnings
+from compress.formats import ExportOptions, export
+from compress.formats.gptq import serving_warnings, write_gptq
 from compress.layer import CompressedLinear
-from compress.native import load_compressed
+from compress.formats.lora import lora_rank, pad_factors
+from compress.formats.native import load_compressed
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "--no-eval-ppl"]
 GROUP = 32  # the tiny model's widths are 32, 64 and 160
@@ -99,8 +101,6 @@ def test_gptq_config_is_read_by_transformers(compressed, tmp_path):
 
 def test_layers_left_out_stay_fp16_and_are_marked_skipped(compressed, tmp_path):
     from torch import nn
-
-    from compress.export import write_gptq
 
     model, own = layers(compressed / "sym-eora")
     name = "model.layers.1.mlp.down_proj"

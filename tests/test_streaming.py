@@ -12,7 +12,7 @@ from calibration import paired_statistics, record_grams
 from calibration.capture import capture_block_inputs
 from compress.cli import main
 from compress.errors import CompressError
-from compress.native import load_compressed, save_compressed
+from compress.formats.native import load_compressed, save_compressed
 from compress.pipeline import compress_model, compress_to_directory
 from compress.recipe import Calibration, Factorize, Quantize, Recipe
 from conftest import tiny_llama
