@@ -176,7 +176,10 @@ def test_native_copy_is_verified_and_loads(compressed, tmp_path):
     export(source, "native", tmp_path / "native")
     for file in source.iterdir():
         assert (tmp_path / "native" / file.name).read_bytes() == file.read_bytes(), file.name
-    assert load_compressed(tmp_path / "native") is not None
+    model, copy = load_compressed(source), load_compressed(tmp_path / "native")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids=ids).logits, model(input_ids=ids).logits)
     broken = tmp_path / "broken"
     export(source, "native", broken)
     tensor_file = broken / next(iter(json.loads((broken / "compression_config.json").read_text())["files"]))
