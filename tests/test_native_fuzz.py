@@ -1,12 +1,15 @@
-"""Fuzz the native loader: corrupted configs and tensor files must raise CompressError, never anything else."""
+"""Fuzz the native loader: a corrupted config or tensor file must raise CompressError (never anything else) or, for
+the config, load exactly the model the unmutated output holds."""
 import json
 import os
 import shutil
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from compress import CompressError, Quantize, Recipe, load_compressed
+from compress.layer import CompressedLinear
 from compress.pipeline import compress_to_directory
 from compress.recipe import Calibration
 
@@ -26,6 +29,26 @@ def saved(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def original(saved):
+    return load_compressed(saved)
+
+
+def assert_same_model(model, reference) -> None:
+    """The same modules (each compressed layer's spec), the same tensors bit for bit, the same logits."""
+    assert type(model) is type(reference)
+    specs = {name: m.spec() if isinstance(m, CompressedLinear) else type(m).__name__ for name, m in model.named_modules()}
+    assert specs == {name: m.spec() if isinstance(m, CompressedLinear) else type(m).__name__
+                     for name, m in reference.named_modules()}
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    ids = torch.arange(16).reshape(2, 8) * 7 % reference.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 def paths_of(node, prefix=()):
     """Every (path, value) in a JSON tree."""
     yield prefix, node
@@ -39,7 +62,7 @@ def paths_of(node, prefix=()):
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_mutated_config_raises_compress_error(saved, tmp_path_factory, data):
+def test_mutated_config_is_refused_or_loads_the_same_model(saved, original, tmp_path_factory, data):
     copy = shutil.copytree(saved, tmp_path_factory.mktemp("case") / "copy")
     config = json.loads((copy / "compression_config.json").read_text())
     # Pick a top-level key first, so that the small 'files' and 'format' entries are hit as often as 'layers'.
@@ -54,9 +77,10 @@ def test_mutated_config_raises_compress_error(saved, tmp_path_factory, data):
         parent[path[-1]] = data.draw(JSON_VALUES)
     (copy / "compression_config.json").write_text(json.dumps(config))
     try:
-        load_compressed(copy)
+        loaded = load_compressed(copy)
     except CompressError:
-        pass
+        return
+    assert_same_model(loaded, original)  # a mutation that loads must have touched nothing the model is built from
 
 
 @settings(max_examples=max(1, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

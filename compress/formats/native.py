@@ -177,7 +177,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
     try:
         model = empty_model(path, dtype)
         for name, spec in config["layers"].items():
-            model.set_submodule(name, CompressedLinear.from_spec(spec))
+            model.set_submodule(name, empty_layer(spec, f"{path / CONFIG}: the entry for {name}"))
         state = {}
         for name in config["files"]:
             state.update(load_file(path / name))
@@ -187,6 +187,23 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
     state = {key: t if key.startswith(compressed_keys) or not t.is_floating_point() else t.to(dtype)
              for key, t in state.items()}
     return fill_model(model, state, str(path)).to(device)
+
+
+def empty_layer(spec: dict, where: str) -> CompressedLinear:
+    """The empty layer a compression_config entry describes; refused when the entry is not exactly what the layer
+    writes back (unknown or missing keys) or its features and its parts' shapes disagree."""
+    layer = CompressedLinear.from_spec(spec)
+    base, up, down = layer.base, layer.up, layer.down
+    shapes = [base.shape] if base is not None else []
+    if up is not None:
+        shapes.append((up.shape[0], down.shape[1]))
+        if up.shape[1] != down.shape[0]:
+            raise CompressError(f"{where} has up {list(up.shape)} and down {list(down.shape)} of different ranks")
+    if any(shape != (layer.out_features, layer.in_features) for shape in shapes):
+        raise CompressError(f"{where} is ({layer.out_features}, {layer.in_features}), its parts {shapes}")
+    if layer.spec() != spec:
+        raise CompressError(f"{where} is not a layer this format writes: {json.dumps(spec)[:200]}")
+    return layer
 
 
 def copy_native(source: Path, directory: Path) -> dict:
