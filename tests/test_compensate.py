@@ -15,7 +15,8 @@ BITS, GROUP = 4, 32
 
 
 def rtn_grid(weight: torch.Tensor, g_idx: torch.Tensor):
-    """Asymmetric min-max ints, zeros and fp16 scales per (group, row), written out here, independent of kernels.grid."""
+    """Asymmetric min-max ints, zeros and fp16 scales per (group, row), written out here, independent of
+    kernels.grid."""
     out_features, _ = weight.shape
     groups = int(g_idx.max()) + 1
     scales, zeros = torch.zeros(groups, out_features), torch.zeros(groups, out_features, dtype=torch.int64)
@@ -53,7 +54,8 @@ def write_checkpoint(tiny_model_dir, path, kind: str, act_order: bool):
         else:
             packed, zero_point = ct_checkpoint(q - 2 ** (BITS - 1), (zeros - 2 ** (BITS - 1)).T, BITS, dense=True)
             tensors.update({f"{name}.weight_packed": packed, f"{name}.weight_scale": scales.T.half().contiguous(),
-                            f"{name}.weight_zero_point": zero_point.contiguous(), f"{name}.weight_shape": torch.tensor(weight.shape)})
+                            f"{name}.weight_zero_point": zero_point.contiguous(),
+                            f"{name}.weight_shape": torch.tensor(weight.shape)})
             if act_order:
                 tensors[f"{name}.weight_g_idx"] = g_idx.int()
     if kind.startswith("gptq"):

@@ -96,7 +96,8 @@ def test_gptq_config_is_read_by_transformers(compressed, tmp_path):
 
     export(compressed / "sym-eora", "gptq", tmp_path / "gptq")
     config = GPTQConfig.from_dict(AutoConfig.from_pretrained(tmp_path / "gptq").quantization_config)
-    assert (config.bits, config.group_size, config.sym, config.desc_act, config.format) == (4, GROUP, True, False, "gptq")
+    settings = (config.bits, config.group_size, config.sym, config.desc_act, config.format)
+    assert settings == (4, GROUP, True, False, "gptq")
 
 
 def test_layers_left_out_stay_fp16_and_are_marked_skipped(compressed, tmp_path):
@@ -200,7 +201,8 @@ def refused(capsys, argv, message, out):
 
 def test_pure_low_rank_is_refused_for_gptq_unless_merged(capsys, compressed, tmp_path, tiny_model_dir):
     out = tmp_path / "gptq"
-    refused(capsys, ["export", str(compressed / "lowrank"), "--format", "gptq", "--out", str(out)], "--merge-lowrank", out)
+    refused(capsys, ["export", str(compressed / "lowrank"), "--format", "gptq", "--out", str(out)], "--merge-lowrank",
+            out)
     assert main(["export", str(compressed / "lowrank"), "--format", "gptq", "--merge-lowrank", "--merge-bits", "8",
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err

@@ -11,7 +11,9 @@ from compress.quantize.rtn import quantize_rtn
 def test_forward_equals_dense_weight(with_base, quantized_factors, with_bias):
     g = torch.Generator().manual_seed(0)
     out_features, in_features, rank = 40, 64, 8
-    base = quantize_rtn(torch.randn(out_features, in_features, generator=g), 4, 32, symmetric=False) if with_base else None
+    base = None
+    if with_base:
+        base = quantize_rtn(torch.randn(out_features, in_features, generator=g), 4, 32, symmetric=False)
     up, down = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
     if quantized_factors:
         up, down = quantize_rtn(up, 3, 8, symmetric=True), quantize_rtn(down, 8, 64, symmetric=False)

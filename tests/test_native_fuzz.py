@@ -15,9 +15,10 @@ from compress.recipe import Calibration
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # CI's count; raise it for a longer campaign
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
-                           lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
-                           max_leaves=6)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,15 @@ def original(saved):
     return load_compressed(saved)
 
 
+def specs(model) -> dict:
+    """Each module's class name, or its spec for a compressed layer."""
+    return {name: module.spec() if isinstance(module, CompressedLinear) else type(module).__name__
+            for name, module in model.named_modules()}
+
+
 def assert_same_model(model, reference) -> None:
     """The same modules (each compressed layer's spec), the same tensors bit for bit, the same logits."""
-    assert type(model) is type(reference)
-    specs = {name: m.spec() if isinstance(m, CompressedLinear) else type(m).__name__ for name, m in model.named_modules()}
-    assert specs == {name: m.spec() if isinstance(m, CompressedLinear) else type(m).__name__
-                     for name, m in reference.named_modules()}
+    assert type(model) is type(reference) and specs(model) == specs(reference)
     state, expected = model.state_dict(), reference.state_dict()
     assert state.keys() == expected.keys()
     for key, tensor in expected.items():
@@ -83,8 +87,10 @@ def test_mutated_config_is_refused_or_loads_the_same_model(saved, original, tmp_
     assert_same_model(loaded, original)  # a mutation that loads must have touched nothing the model is built from
 
 
-@settings(max_examples=max(1, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(file=st.integers(0, 2), offset=st.floats(0, 1, exclude_max=True), flip=st.integers(1, 255), truncate=st.booleans())
+@settings(max_examples=max(1, EXAMPLES // 4), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(file=st.integers(0, 2), offset=st.floats(0, 1, exclude_max=True), flip=st.integers(1, 255),
+       truncate=st.booleans())
 def test_corrupted_tensor_file_is_refused(saved, tmp_path_factory, file, offset, flip, truncate):
     copy = shutil.copytree(saved, tmp_path_factory.mktemp("case") / "copy")
     target = copy / sorted(path.name for path in copy.glob("*.safetensors"))[file]

@@ -63,7 +63,8 @@ def test_compensate_lowers_demo_perplexity_on_a_gptq_checkpoint(tmp_path):
     result = compress_model(model, Recipe(quantize=Quantize("gptq", 3, 128), calibration=Calibration(nsamples=32)),
                             tokenizer=tokenizer, progress=False)
     original = load_model("demo")[0]
-    tensors = {k: v.half() for k, v in original.state_dict().items() if not k.endswith("_proj.weight") or ".layers." not in k}
+    tensors = {k: v.half() for k, v in original.state_dict().items()
+               if not k.endswith("_proj.weight") or ".layers." not in k}
     for name in result.report["layers"]:
         tensors.update(gptq_tensors(name, model.get_submodule(name).base.operand()))
     checkpoint = tmp_path / "gptq"

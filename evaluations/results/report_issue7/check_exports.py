@@ -33,4 +33,5 @@ got = torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
 print(f"onnx (onnxruntime, [1, 128] input): relative max logit error {rel(got):.2e}")
 native = load_compressed(f"{W}/export-native")
 with torch.no_grad():
-    print(f"native copy (load_compressed, checksums verified): logits equal: {torch.equal(native(input_ids=ids).logits, ref)}")
+    equal = torch.equal(native(input_ids=ids).logits, ref)
+    print(f"native copy (load_compressed, checksums verified): logits equal: {equal}")
