@@ -204,7 +204,7 @@ def run_eval(argv: list[str]) -> int:
 def run_compensate(argv: list[str]) -> int:
     import shutil
 
-    from compress.formats import checkpoint_format, dequantized_weights, recorded_original
+    from compress.formats import dequantized_weights, detect_format, recorded_original
     from compress.formats.lora import ADAPTER, layer_factors, save_lora_adapter
     from compress.formats.native import atomic_directory, check_out
     from compress.models import load_model
@@ -232,7 +232,7 @@ def run_compensate(argv: list[str]) -> int:
     check_out(args.out, args.overwrite)
     if not args.model.is_dir():
         raise CompressError(f"quantized model directory '{args.model}' does not exist")
-    source_format = checkpoint_format(args.model)
+    source_format = detect_format(args.model)
     original = args.original or recorded_original(args.model)
     if original is None:
         raise CompressError(f"{args.model} ({source_format}) does not record the full-precision model it was "

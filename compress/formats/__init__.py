@@ -144,7 +144,7 @@ def quantization_config(path: Path) -> dict | None:
     return config.get("quantization_config") if isinstance(config, dict) else None
 
 
-def checkpoint_format(path: str | Path) -> str:
+def detect_format(path: str | Path) -> str:
     """'compress-native', 'gptq (gptq)', 'gptq (gptq_v2)' or 'compressed-tensors pack-quantized'; a one-line
     CompressError for a directory that holds none of them."""
     path = Path(path)
@@ -180,7 +180,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def read_quantized(path: str | Path) -> QuantizedCheckpoint:
     """A GPTQ (v1, v2, act-order) or compressed-tensors pack-quantized checkpoint, dequantized exactly."""
     path = Path(path)
-    fmt = checkpoint_format(path)
+    fmt = detect_format(path)
     if fmt == "compress-native":
         raise CompressError(f"{path} is this tool's native output: load it with load_compressed")
     config = quantization_config(path)
@@ -236,12 +236,13 @@ def load_any(path: str | Path, dtype: torch.dtype = torch.float32):
         model, tokenizer = dequantized_model(directory, dtype), tokenizer_of(directory)
     else:
         model, tokenizer, _ = load_model(str(path), dtype)
-    if (directory / ADAPTER).is_dir():
+    if directory.is_dir() and (directory / ADAPTER).is_dir():
         add_factors(model, read_lora_adapter(directory / ADAPTER))
     return model, tokenizer
 
 
 def tokenizer_of(path: Path):
+    """The tokenizer saved in `path`; a one-line CompressError without one (evaluation needs it)."""
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise CompressError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")

@@ -2,8 +2,6 @@
 
 Layout (AutoGPTQ `qlinear_cuda_old.py` pack/forward; GPTQModel `nn_modules/qlinear/__init__.py` pack_original,
 `utils/model_dequant.py`, `utils/model.py` v1<->v2); `weight` is (out_features, in_features) throughout:
-GPTQ (AutoGPTQ `qlinear_cuda_old.py` pack/forward; GPTQModel `nn_modules/qlinear/__init__.py` pack_original,
-`utils/model_dequant.py`, `utils/model.py` v1<->v2):
   qweight (in*bits/32, out) int32, packed along the INPUT dim; scales (groups, out) fp16;
   qzeros (groups, out*bits/32) int32, packed along the OUTPUT dim; g_idx (in,) int32, the group of each input column
   (arbitrary under act-order, i // group_size otherwise). Within a run of 32 values and `bits` words the layout is a
@@ -248,15 +246,15 @@ def serving_warnings(config: dict, zero_point_zeros: int) -> list[str]:
     """Where vLLM serves this checkpoint slowly or reads it wrongly (PEERS.md section 4)."""
     bits, sym, group_size, fmt = config["bits"], config["sym"], config["group_size"], config["checkpoint_format"]
     warnings = []
-    grid = f"{bits}-bit {'symmetric' if sym else 'asymmetric'}"
+    scheme = f"{bits}-bit {'symmetric' if sym else 'asymmetric'}"
     if (bits, sym) not in MARLIN:
-        warnings.append(f"{grid} GPTQ misses vLLM's fast Marlin kernel (symmetric 4/8-bit only): it is served by the "
+        warnings.append(f"{scheme} GPTQ misses vLLM's fast Marlin kernel (symmetric 4/8-bit only): it is served by the "
                         "slower gptq_gemm (ExLlama) path; compress with --sym and --wbits 4 or 8 for the fast path")
     elif group_size not in MARLIN_GROUP_SIZES:
         warnings.append(f"group size {group_size} is not one Marlin supports (-1, 32, 64, 128): vLLM falls back to "
                         "the slower gptq_gemm path")
     if fmt == "gptq_v2" and (not sym or bits == 2):
-        warnings.append(f"vLLM's gptq_gemm path hard-codes the v1 zero offset and mis-reads {grid} gptq_v2 "
+        warnings.append(f"vLLM's gptq_gemm path hard-codes the v1 zero offset and mis-reads {scheme} gptq_v2 "
                         "checkpoints (gibberish, vllm#26343): keep the default v1 'gptq' for vLLM")
     if zero_point_zeros:
         warnings.append(f"{zero_point_zeros} groups have zero point 0, which v1 'gptq' stores as {2**bits - 1} (z - 1 "
