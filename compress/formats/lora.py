@@ -61,8 +61,8 @@ def read_lora_adapter(directory: str | Path) -> dict[str, tuple[torch.Tensor, to
         raise CompressError(f"{directory} is not a LoRA adapter: {Path(exc.filename).name} is missing") from None
     except Exception as exc:  # json and safetensors raise their own error types for corrupt files
         raise CompressError(f"cannot read the LoRA adapter in {directory}: {str(exc).splitlines()[0]}") from None
-    if config.get("peft_type") != "LORA":
-        raise CompressError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise CompressError(f"{directory / CONFIG} does not describe a LoRA adapter (peft_type LORA)")
     unsupported = [key for key in ("use_dora", "fan_in_fan_out", "modules_to_save") if config.get(key)]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
@@ -93,8 +93,8 @@ def layer_factors(layer: CompressedLinear) -> tuple[torch.Tensor, torch.Tensor] 
 
 
 def add_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-    """W + up @ down in each named linear (in place; returns the model): each becomes an nn.Linear holding the sum in
-    float32, then cast to the dtype the layer had (a CompressedLinear: its bias's, else the model's)."""
+    """W + up @ down in each named linear (in place; returns the model): each becomes an nn.Linear holding the sum,
+    formed in float32 and cast to the layer's dtype (a CompressedLinear's: the model's parameters' dtype)."""
     for name, (up, down) in factors.items():
         try:
             layer = model.get_submodule(name)
