@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What calibration measured at one linear's input: gram = sum x x^T (in, in), float64, and for SAES-SVD
+    cross = sum (x_fp - x) x^T, the full-precision stream's offset (None when not asked for)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor | None = None
 
 
 class GramAccumulator:
@@ -23,11 +33,11 @@ class GramAccumulator:
             self.cross.addmm_((x_fp.reshape(x.shape).to(x) - x).T, x)
         self.count += x.shape[0]
 
-    def finish(self) -> "GramAccumulator":
-        """Make the Gram exactly symmetric (GEMM sums may differ from their transpose in the last bit), which lets
-        the eigensolver use one triangle as its workspace and restore it (compress.linalg.eigh_)."""
+    def finish(self) -> Statistics:
+        """The statistics, the Gram made exactly symmetric (GEMM sums may differ from their transpose in the last
+        bit), which lets the eigensolver use one triangle as its workspace and restore it (compress.linalg.eigh_)."""
         symmetrize_(self.gram)
-        return self
+        return Statistics(self.gram, self.cross)
 
 
 def symmetrize_(matrix: torch.Tensor, rows: int = 1024) -> torch.Tensor:
@@ -43,7 +53,8 @@ def symmetrize_(matrix: torch.Tensor, rows: int = 1024) -> torch.Tensor:
 
 @contextmanager
 def record_grams(linears: dict[str, nn.Module]):
-    """Within the block, accumulate the input Gram of each named linear; yields {name: GramAccumulator}."""
+    """Within the block, accumulate the input Gram of each named linear; yields {name: GramAccumulator}, whose
+    `gram` is final (symmetrized) once the block ends."""
     grams = {name: GramAccumulator(layer.in_features) for name, layer in linears.items()}
     handles = [layer.register_forward_pre_hook(lambda _m, args, acc=grams[name]: acc.add(args[0]))
                for name, layer in linears.items()]
@@ -56,52 +67,77 @@ def record_grams(linears: dict[str, nn.Module]):
             accumulator.finish()
 
 
-@torch.no_grad()
-def paired_statistics(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, fp_hidden: torch.Tensor,
-                      block_kwargs: dict, cross: bool = False, batch_size: int = 8) -> tuple[dict[str, GramAccumulator], torch.Tensor]:
-    """Run the still-uncompressed block on both streams, batch by batch, and return the input statistics of its
-    linears in the compressed stream (with their cross term against the full-precision stream when `cross`),
-    and the full-precision stream's outputs.
+@contextmanager
+def swapped(block: nn.Module, modules: dict[str, nn.Module]):
+    """Within the context, the block's submodules named in `modules` (names inside the block) are those given."""
+    previous = {name: block.get_submodule(name) for name in modules}
+    for name, module in modules.items():
+        block.set_submodule(name, module)
+    try:
+        yield
+    finally:
+        for name, module in previous.items():
+            block.set_submodule(name, module)
 
-    Linears that read the very same tensor (q/k/v, gate/up) share one accumulator: same Gram, a third of the memory.
-    The streams may live elsewhere (CPU, half precision) than the block: each batch visits the block's device."""
+
+@torch.no_grad()
+def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, block_kwargs: dict,
+                     fp_hidden: torch.Tensor | None = None, cross: bool = False, fp_outputs: bool = False,
+                     originals: dict[str, nn.Module] | None = None,
+                     batch_size: int = 8) -> tuple[dict[str, Statistics], torch.Tensor | None]:
+    """Input statistics of groups of the block's linears (names inside the block), from running the block, batch by
+    batch, on the compressed stream `hidden`. The linears of one group read the same tensor (q/k/v, gate/up): they
+    share one Statistics, accumulated on the group's first linear.
+
+    With `fp_hidden`, each batch first runs on the full-precision stream, with `originals` ({name: module}, the
+    layers of this block already compressed) put back in place: `cross` then adds each group's cross term against
+    that stream, and `fp_outputs` returns the block's full-precision outputs (else None). A run stops once the
+    last group's input is seen unless its output is needed. The streams may live elsewhere (CPU, half precision)
+    than the block: each batch visits the block's device.
+    """
     device = block_device(block)
-    stats = {name: GramAccumulator(layer.in_features, cross, device) for name, layer in linears.items()}
+    firsts = [group[0] for group in groups]
+    accumulators = {first: GramAccumulator(block.get_submodule(first).in_features, cross, device) for first in firsts}
     fp_inputs: dict[str, torch.Tensor] = {}
-    seen: list[tuple[torch.Tensor, str]] = []  # this batch's inputs; kept alive so that `is` cannot match a reused one
     phase = {"fp": True}
 
-    def hook(name):
+    def hook(first: str, last: bool):
         def record(_module, args):
             if phase["fp"]:
                 if cross:
-                    fp_inputs[name] = args[0]
-                return
-            x_fp = fp_inputs.pop(name, None)
-            owner = next((first for tensor, first in seen if tensor is args[0]), None)
-            if owner is None:
-                seen.append((args[0], name))
-                stats[name].add(args[0], x_fp)
+                    fp_inputs[first] = args[0]
             else:
-                stats[name] = stats[owner]
+                accumulators[first].add(args[0], fp_inputs.pop(first, None))
+            if last and not (phase["fp"] and fp_outputs):
+                raise _Stop
         return record
 
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in linears.items()]
-    fp_outputs = []
+    handles = [block.get_submodule(first).register_forward_pre_hook(hook(first, first == firsts[-1]))
+               for first in firsts]
+    outputs = []
     try:
         for start in range(0, len(hidden), batch_size):
-            phase["fp"] = True
-            fp_outputs.append(_through(block, fp_hidden[start: start + batch_size], block_kwargs))
+            if fp_hidden is not None:
+                phase["fp"] = True
+                with swapped(block, originals or {}):
+                    out = _through_until_stop(block, fp_hidden[start: start + batch_size], block_kwargs)
+                if fp_outputs:
+                    outputs.append(out)
             phase["fp"] = False
-            seen.clear()
-            _through(block, hidden[start: start + batch_size], block_kwargs)
-            seen.clear()
+            _through_until_stop(block, hidden[start: start + batch_size], block_kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    for accumulator in {id(acc): acc for acc in stats.values()}.values():
-        accumulator.finish()
-    return stats, torch.cat(fp_outputs)
+    statistics = {first: accumulator.finish() for first, accumulator in accumulators.items()}
+    return ({name: statistics[group[0]] for group in groups for name in group},
+            torch.cat(outputs) if fp_outputs else None)
+
+
+def _through_until_stop(block: nn.Module, batch: torch.Tensor, block_kwargs: dict) -> torch.Tensor | None:
+    try:
+        return _through(block, batch, block_kwargs)
+    except _Stop:
+        return None
 
 
 def block_parameter(block: nn.Module) -> torch.Tensor:
@@ -130,7 +166,8 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def capture_block_inputs(model: nn.Module, first_block: nn.Module,
+                         input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Run the model up to its first decoder block on each sample: (nsamples, seqlen, hidden) inputs and the
     keyword arguments the block receives (position embeddings, mask, ...), identical for every window."""
     inputs, block_kwargs = [], {}

@@ -40,7 +40,8 @@ def load_text(source: str | Path, max_chars: int | None = None) -> str:
         raise
     except Exception as exc:  # datasets raises many kinds; the user needs one line
         hint = "" if path.exists() else " (offline or unknown hub name? pass a local txt/jsonl/parquet file or folder)"
-        raise CalibrationError(f"cannot read text from '{source}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise CalibrationError(f"cannot read text from '{source}'{hint}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if "text" not in dataset.column_names:
         raise CalibrationError(f"'{source}' has no 'text' column (columns: {', '.join(dataset.column_names)})")
     pieces, size = [], 0

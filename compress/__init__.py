@@ -1,9 +1,22 @@
 """Post-training compression of LLMs: W ~= base + up @ down, one block at a time."""
+from compress.compensate.eora import EoRA
+from compress.compensate.lorc import LoRC
 from compress.errors import CompressError
+from compress.factorize.eora import EoRAFactorize
+from compress.factorize.lorap import LoRAP
+from compress.factorize.saes_svd import SAES
+from compress.factorize.svd import SVD
+from compress.factorize.svd_llm import SVDLLM
 from compress.layer import CompressedLinear
 from compress.formats.native import load_compressed, save_compressed
+from compress.methods import METHODS
 from compress.pipeline import Compressed, compress_model
-from compress.recipe import Calibration, Compensate, Factorize, Quantize, Recipe
+from compress.quantize.cbq import CBQ
+from compress.quantize.gptq import GPTQ
+from compress.quantize.lrq import LRQ
+from compress.quantize.rtn import RTN
+from compress.recipe import Calibration, Recipe
 
-__all__ = ["Calibration", "Compensate", "Compressed", "CompressError", "CompressedLinear", "Factorize", "Quantize", "Recipe",
-           "compress_model", "load_compressed", "save_compressed"]
+__all__ = ["CBQ", "GPTQ", "LRQ", "METHODS", "RTN", "SAES", "SVD", "SVDLLM", "Calibration", "Compressed",
+           "CompressError", "CompressedLinear", "EoRA", "EoRAFactorize", "LoRAP", "LoRC", "Recipe", "compress_model",
+           "load_compressed", "save_compressed"]

@@ -26,7 +26,8 @@ def _min_max(spectrum: torch.Tensor) -> torch.Tensor:
     return (sigma - sigma[-1]) / span
 
 
-def welore_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int | None]:
+def welore_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                 budget: float) -> dict[str, int | None]:
     """WeLore's data-agnostic ranks (Jaiswal et al. 2024, arXiv 2407.11239); None marks a dense N-LRC.
 
     Per matrix the singular values are min-max normalised; one global tau keeps k_W = #{s_hat >= tau}
@@ -48,7 +49,8 @@ def welore_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
         if len(shat[name]) != min(m, n):
             raise ValueError(f"{name}: expected {min(m, n)} singular values for shape {(m, n)}, got {len(shat[name])}")
     target = budget * sum(dense for dense, _ in sizes.values())
-    minimum = sum(min(dense, edge) for dense, edge in sizes.values())  # every layer at rank 1 (or dense if that saves nothing)
+    # every layer at rank 1 (or dense if that saves nothing)
+    minimum = sum(min(dense, edge) for dense, edge in sizes.values())
     if minimum > target:
         raise ValueError(f"budget {budget} is below the minimum: every layer at rank 1 needs {minimum} parameters, "
                          f"the budget allows {target:.0f}")
@@ -95,7 +97,8 @@ def welore_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
 LORAP_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def lorap_attention_ranks(shapes: dict[str, tuple[int, int]], budget: float, ratio: float = 3.0) -> dict[str, int | None]:
+def lorap_attention_ranks(shapes: dict[str, tuple[int, int]], budget: float,
+                          ratio: float = 3.0) -> dict[str, int | None]:
     """LoRAP's fixed (v + o) : (q + k) = ratio : 1 split of one attention block's parameter budget; None = dense.
 
     P = budget * sum m n, first rounded down to a whole uniform rank k_att = floor(P / sum (m + n)) as the

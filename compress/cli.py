@@ -9,16 +9,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from compress.compensate import CompensateConfig
 from compress.errors import CompressError
-from compress.recipe import (ALLOCATORS, COMPENSATE_METHODS, FACTORIZE_METHODS, QUANTIZE_METHODS, Calibration, Compensate,
-                            Factorize, Quantize, Recipe)
+from compress.factorize import FactorizeConfig
+from compress.methods import DEFAULT_METHODS, METHODS, config_type
+from compress.quantize import GridConfig, LearnedConfig
+from compress.quantize.gptq import GPTQ
+from compress.recipe import Calibration, Recipe
 
-RECIPE_FLAGS = ("rank_budget", "factorize", "allocate", "wbits", "quantize", "group_size", "sym", "act_order",
-                "static_groups", "damp", "iterations", "compensate", "compensate_rank", "compensate_bits", "calib", "nsamples", "seqlen", "seed")
+# Recipe flags: per stage, flag -> the field of the chosen method's config it sets. --factorize / --quantize /
+# --compensate choose the method; a flag left out takes the config's own default.
+STAGE_FLAGS = {
+    "factorize": {"rank_budget": "rank_budget", "allocate": "allocate"},
+    "quantize": {"wbits": "bits", "group_size": "group_size", "sym": "symmetric", "act_order": "act_order",
+                 "static_groups": "static_groups", "damp": "damp", "iterations": "iterations"},
+    "compensate": {"compensate_rank": "rank", "compensate_bits": "factor_bits"},
+}
+CALIBRATION_FLAGS = {"calib": "source", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
 
 
 def compress_parser() -> argparse.ArgumentParser:
@@ -30,25 +42,35 @@ def compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--recipe", type=Path, help="run a saved recipe (.yaml/.json) instead of the recipe flags")
-    group = parser.add_argument_group("recipe")
-    group.add_argument("--rank-budget", type=float, help="share of the dense parameters kept in low-rank factors, (0, 1]")
-    group.add_argument("--factorize", choices=FACTORIZE_METHODS, help="factorization (default svd-llm)")
-    group.add_argument("--allocate", choices=ALLOCATORS, help="rank allocation over layers (default uniform; lorap for --factorize lorap)")
-    group.add_argument("--wbits", type=int, help="quantize weights (or factors) to 2, 3, 4 or 8 bits")
-    group.add_argument("--quantize", choices=QUANTIZE_METHODS, help="quantizer (default rtn)")
-    group.add_argument("--group-size", type=int, help="columns per quantization group (default 128; 0: whole row)")
+    group = parser.add_argument_group("recipe (a flag left out takes the method's default)")
+    group.add_argument("--rank-budget", type=float,
+                       help=f"share of the dense parameters kept in low-rank factors, (0, 1] (default "
+                            f"{FactorizeConfig.rank_budget})")
+    group.add_argument("--factorize", choices=METHODS["factorize"],
+                       help=f"factorization (default {DEFAULT_METHODS['factorize']})")
+    group.add_argument("--allocate", help="rank allocation over layers: uniform (default) or welore; lorap's is its own")
+    group.add_argument("--wbits", type=int, help=f"quantize weights (or factors) to 2, 3, 4 or 8 bits "
+                                                 f"(default {GridConfig.bits})")
+    group.add_argument("--quantize", choices=METHODS["quantize"], help=f"quantizer (default {DEFAULT_METHODS['quantize']})")
+    group.add_argument("--group-size", type=int,
+                       help=f"columns per quantization group (default {GridConfig.group_size}; 0: whole row)")
     group.add_argument("--sym", action="store_true", default=None, help="symmetric grid (default asymmetric)")
     group.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing Hessian diagonal")
     group.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weight")
-    group.add_argument("--damp", type=float, help="GPTQ: damping, fraction of the mean Hessian diagonal (default 0.01)")
-    group.add_argument("--iterations", type=int, help="learned quantizers (lrq): optimisation steps per block (default 200)")
-    group.add_argument("--compensate", choices=COMPENSATE_METHODS, help="add a low-rank compensation of the quantization error")
-    group.add_argument("--compensate-rank", type=int, help="rank of the compensation (default 64)")
+    group.add_argument("--damp", type=float, help=f"GPTQ: damping, fraction of the mean Hessian diagonal (default {GPTQ.damp})")
+    group.add_argument("--iterations", type=int,
+                       help=f"learned quantizers (lrq, cbq): optimisation steps per window (default {LearnedConfig.iterations})")
+    group.add_argument("--compensate", choices=METHODS["compensate"],
+                       help=f"add a low-rank compensation of the quantization error (default {DEFAULT_METHODS['compensate']})")
+    group.add_argument("--compensate-rank", type=int, help=f"rank of the compensation (default {CompensateConfig.rank})")
     group.add_argument("--compensate-bits", type=int, help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
+    group.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
+                       help="capture every linear's statistics from the uncompressed block (default: group by group in "
+                            "data-flow order, each with the earlier groups of the block compressed)")
     group.add_argument("--calib", help="calibration text: datasets name, or local txt/jsonl/parquet file or folder")
-    group.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    group.add_argument("--nsamples", type=int, help=f"calibration windows (default {Calibration.nsamples})")
     group.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model max positions))")
-    group.add_argument("--seed", type=int, help="seed for drawing the windows (default 0)")
+    group.add_argument("--seed", type=int, help=f"seed for drawing the windows (default {Calibration.seed})")
     run = parser.add_argument_group("running")
     run.add_argument("--device", help="where each block computes: cuda, cuda:N or cpu (default cuda when available)")
     run.add_argument("--offload", action="store_true",
@@ -62,38 +84,33 @@ def compress_parser() -> argparse.ArgumentParser:
 
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
-    given = [flag for flag in RECIPE_FLAGS if getattr(args, flag) is not None]
+    flags = [flag for table in (*STAGE_FLAGS.values(), CALIBRATION_FLAGS) for flag in table]
+    given = [flag for flag in [*flags, *STAGE_FLAGS, "true_sequential"] if getattr(args, flag) is not None]
     if args.recipe:
         if given:
-            raise CompressError(f"--recipe runs a saved recipe; drop --{given[0].replace('_', '-')}")
+            flag = given[0].replace("_", "-")
+            raise CompressError(f"--recipe runs a saved recipe; drop --{'no-true-sequential' if flag == 'true-sequential' else flag}")
         return Recipe.load(args.recipe)
-    factorize = None
-    if args.rank_budget is not None or args.factorize or args.allocate:
-        if args.rank_budget is None:
-            raise CompressError("--factorize / --allocate need --rank-budget")
-        method = args.factorize or "svd-llm"
-        factorize = Factorize(method=method, rank_budget=args.rank_budget,
-                              allocate=args.allocate or ("lorap" if method == "lorap" else "uniform"))
-    quantize = None
-    quantize_flags = (args.quantize, args.group_size, args.sym, args.act_order, args.static_groups, args.damp,
-                      args.iterations)
-    if args.wbits is not None or any(flag is not None for flag in quantize_flags):
-        if args.wbits is None:
-            raise CompressError("--quantize / --group-size / --sym / --act-order / --static-groups / --damp / --iterations "
-                                "need --wbits")
-        quantize = Quantize(method=args.quantize or "rtn", bits=args.wbits,
-                            group_size=128 if args.group_size is None else args.group_size, symmetric=bool(args.sym),
-                            act_order=bool(args.act_order), static_groups=bool(args.static_groups),
-                            damp=0.01 if args.damp is None else args.damp,
-                            iterations=200 if args.iterations is None else args.iterations)
-    compensate = None
-    if args.compensate or args.compensate_rank is not None or args.compensate_bits is not None:
-        compensate = Compensate(method=args.compensate or "eora", rank=args.compensate_rank or 64,
-                                factor_bits=args.compensate_bits)
-    defaults = Calibration()
-    calibration = Calibration(source=args.calib, nsamples=args.nsamples or defaults.nsamples, seqlen=args.seqlen,
-                              seed=defaults.seed if args.seed is None else args.seed)
-    return Recipe(factorize=factorize, quantize=quantize, compensate=compensate, calibration=calibration)
+    stages = {stage: stage_config(stage, args) for stage in STAGE_FLAGS}
+    calibration = Calibration(**{field: getattr(args, flag) for flag, field in CALIBRATION_FLAGS.items()
+                                 if getattr(args, flag) is not None})
+    return Recipe(**stages, calibration=calibration, true_sequential=args.true_sequential is not False)
+
+
+def stage_config(stage: str, args: argparse.Namespace):
+    """The config of one stage from its flags (None when none is given): the method flag picks the config type,
+    the others set its fields, and what is left out keeps the config's default."""
+    method = getattr(args, stage)
+    given = {flag: getattr(args, flag) for flag in STAGE_FLAGS[stage] if getattr(args, flag) is not None}
+    if method is None and not given:
+        return None
+    method = method or DEFAULT_METHODS[stage]
+    kind = config_type(stage, method)
+    fields = {f.name for f in dataclasses.fields(kind)}
+    wrong = [flag for flag in given if STAGE_FLAGS[stage][flag] not in fields]
+    if wrong:
+        raise CompressError(f"--{wrong[0].replace('_', '-')} does not apply to --{stage} {method}")
+    return kind(**{STAGE_FLAGS[stage][flag]: value for flag, value in given.items()})
 
 
 def default_out(model: str, recipe: Recipe) -> Path:
@@ -217,8 +234,10 @@ def run_compensate(argv: list[str]) -> int:
                              "output")
     parser.add_argument("--original", help="the full-precision model it was quantized from (alias, hub id, dir); "
                                            "default for this tool's outputs: the model they record")
-    parser.add_argument("--rank", type=int, default=64, help="rank of the compensation (default 64)")
-    parser.add_argument("--method", choices=COMPENSATE_METHODS, default="eora", help="eora (default) or lorc")
+    parser.add_argument("--rank", type=int, default=CompensateConfig.rank,
+                        help=f"rank of the compensation (default {CompensateConfig.rank})")
+    parser.add_argument("--method", choices=METHODS["compensate"], default=DEFAULT_METHODS["compensate"],
+                        help=f"compensation method (default {DEFAULT_METHODS['compensate']})")
     parser.add_argument("--factor-bits", type=int, help="quantize the factors per output channel (default: fp16)")
     parser.add_argument("--out", type=Path, required=True, help="output: the quantized files unchanged, plus adapter/")
     parser.add_argument("--overwrite", action="store_true")
@@ -227,7 +246,7 @@ def run_compensate(argv: list[str]) -> int:
     parser.add_argument("--seqlen", type=int)
     parser.add_argument("--seed", type=int, default=Calibration.seed)
     args = parser.parse_args(argv)
-    recipe = Recipe(compensate=Compensate(args.method, args.rank, args.factor_bits),
+    recipe = Recipe(compensate=config_type("compensate", args.method)(args.rank, args.factor_bits),
                     calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed))
     check_out(args.out, args.overwrite)
     if not args.model.is_dir():

@@ -35,7 +35,8 @@ class PackedTensor(nn.Module):
         self.bits, self.group_size, self.shape = quantized.bits, quantized.group_size, tuple(quantized.shape)
 
     def operand(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape, self.g_idx)
+        return QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.shape,
+                               self.g_idx)
 
     def spec(self) -> dict:
         return {"kind": "quantized", "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
@@ -65,7 +66,8 @@ def empty_part(spec: dict | None) -> Part | None:
     groups = cols // group_size
     qzeros = None if spec["symmetric"] else torch.empty(groups, -(-rows // 32) * bits, dtype=torch.int32)
     g_idx = torch.empty(cols, dtype=torch.int32) if spec.get("act_order") else None
-    return PackedTensor(QuantizedWeight(torch.empty(rows, words, dtype=torch.int32), torch.empty(rows, groups, dtype=torch.float16),
+    return PackedTensor(QuantizedWeight(torch.empty(rows, words, dtype=torch.int32),
+                                        torch.empty(rows, groups, dtype=torch.float16),
                                         qzeros, bits, group_size, (rows, cols), g_idx))
 
 
@@ -73,7 +75,7 @@ class CompressedLinear(nn.Module):
     """Drop-in replacement for nn.Linear holding W ~= base + up @ down."""
 
     def __init__(self, in_features: int, out_features: int, base: Part | None, up: Part | None, down: Part | None,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, kernel: str = "auto"):
         super().__init__()
         if base is None and up is None:
             raise ValueError("a compressed layer needs a base, factors, or both")
@@ -82,13 +84,14 @@ class CompressedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.base, self.up, self.down = base, up, down
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.kernel = kernel  # which matmul serves forward (kernels.lowrank_linear): auto, reference or triton
 
     @classmethod
-    def from_parts(cls, base, up, down, bias=None) -> "CompressedLinear":
+    def from_parts(cls, base, up, down, bias=None, kernel: str = "auto") -> "CompressedLinear":
         """Build from tensors / QuantizedWeights (any may be None)."""
         base, up, down = make_part(base), make_part(up), make_part(down)
         out_features, in_features = (base or up).shape[0], (base or down).shape[1]
-        return cls(in_features, out_features, base, up, down, bias)
+        return cls(in_features, out_features, base, up, down, bias, kernel)
 
     @classmethod
     def from_spec(cls, spec: dict) -> "CompressedLinear":
@@ -121,8 +124,9 @@ class CompressedLinear(nn.Module):
         return sum(buffer.numel() * buffer.element_size() * 8 for buffer in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.lowrank_linear(x, *self.operands(), self.bias)
+        return kernels.lowrank_linear(x, *self.operands(), self.bias, kernel=self.kernel)
 
     def extra_repr(self) -> str:
-        parts = ", ".join(f"{name}={part.spec()['kind']}" for name, part in (("base", self.base), ("up", self.up)) if part)
+        parts = ", ".join(f"{name}={part.spec()['kind']}"
+                          for name, part in (("base", self.base), ("up", self.up)) if part)
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {parts}"

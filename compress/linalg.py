@@ -183,7 +183,8 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ones included, count as zero, and both their square root and inverse are set to 0.
     """
     if nonfinite_count(gram):
-        raise ValueError("eigen_root: the Gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
+        raise ValueError("eigen_root: the Gram matrix has non-finite entries "
+                         "(NaN or inf in the calibration statistics)")
     eigenvalues, root = eigh_(gram.double())
     if not torch.isfinite(eigenvalues).all():
         raise ValueError("eigh of the Gram matrix returned non-finite eigenvalues")

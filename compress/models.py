@@ -49,8 +49,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
         if Path(resolved).is_dir():
             raise CompressError(f"cannot load a model from {resolved}: {str(exc).splitlines()[0]}") from None
         raise CompressError(f"cannot load '{resolved}' from the hugging face hub (offline, not cached, gated or "
-                            "misspelled): download it elsewhere and pass its local directory with --model DIR"
-                            ) from None
+                            "misspelled): download it elsewhere and pass its local directory "
+                            "with --model DIR") from None
     # The config keeps the checkpoint's own dtype: outputs store the untouched tensors in it, not in `dtype`.
     model.config.dtype = stored_dtype or dtype
     return model.eval(), tokenizer, resolved

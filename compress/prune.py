@@ -21,7 +21,8 @@ def channel_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
 
 
 def channels_to_keep(scores: torch.Tensor, prune_fraction: float, protect_fraction: float = 0.01) -> torch.Tensor:
-    """Sorted indices of the kept channels: the lowest floor(protect * I) are protected, the next floor(prune * I) pruned.
+    """Sorted indices of the kept channels: the lowest floor(protect * I) are protected, the next
+    floor(prune * I) pruned.
 
     At least one channel always remains; if protected + pruned exceed I, the pruned count wins and fewer are
     protected (the authors' slice would silently prune fewer instead).

@@ -8,86 +8,17 @@ from pathlib import Path
 
 import yaml
 
+from compress.compensate import CompensateConfig
 from compress.errors import CompressError
+from compress.factorize import FactorizeConfig
+from compress.methods import METHODS, config_type, method_name
+from compress.quantize import GridConfig, LearnedConfig
 
-FACTORIZE_METHODS = ("svd", "svd-llm", "saes-svd", "eora", "lorap")
-ALLOCATORS = ("uniform", "welore", "lorap")
-QUANTIZE_METHODS = ("rtn", "gptq", "lrq", "cbq")
-BITS = (2, 3, 4, 8)
-
-
-@dataclass(frozen=True)
-class Factorize:
-    """W ~= up @ down with the targeted layers together holding `rank_budget` of their dense parameters.
-
-    method: svd (plain), svd-llm (whitened), saes-svd (CEALC + ACES), eora (eigenspace projection),
-    lorap (activation-weighted SVD for attention, structured channel pruning for the MLP).
-    allocate: uniform (same share per layer), welore (from each weight's spectrum; layers whose
-    factors would not save parameters stay dense), lorap (LoRAP's 3:1 v/o : q/k split; only with lorap).
-    beta: SAES-SVD's coefficient alpha/(1+alpha); None lets ACES choose it per layer in [beta_min, beta_max].
-    """
-
-    method: str = "svd-llm"
-    rank_budget: float = 0.5
-    allocate: str = "uniform"
-    beta: float | None = None
-    beta_min: float = 0.25
-    beta_max: float = 0.75
-
-    def __post_init__(self):
-        _choice("factorize method", self.method, FACTORIZE_METHODS)
-        _choice("allocator", self.allocate, ALLOCATORS)
-        if not 0 < self.rank_budget <= 1:
-            raise CompressError(f"rank budget must be in (0, 1], got {self.rank_budget}")
-        if (self.method == "lorap") != (self.allocate == "lorap"):
-            raise CompressError("lorap factorization and lorap allocation go together (--factorize lorap --allocate lorap)")
-        if self.beta is not None and not 0 <= self.beta < 1:
-            raise CompressError(f"beta must be in [0, 1), got {self.beta}")
-        if not 0 <= self.beta_min <= self.beta_max < 1:
-            raise CompressError(f"need 0 <= beta_min <= beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
-
-
-@dataclass(frozen=True)
-class Quantize:
-    """Quantize the weights (or the factors, after Factorize) to `bits`, per group of `group_size` input columns.
-
-    group_size 0 means one group per row; a group size that does not divide a tensor falls back to
-    the largest divisor below it, and the report says so. GPTQ only: act_order (columns in order of
-    decreasing Hessian diagonal), static_groups (group scales fixed on the original weight), damp
-    (fraction of the mean Hessian diagonal added to it; raised automatically when Cholesky fails).
-    LRQ and CBQ (learned on calibration data): rank of the low-rank matrices (LRQ's weight scaling, None: 16,
-    scaled down from the paper's 1024; CBQ's LoRA-Rounding, None: 5, not from the paper), iterations, lr, seed.
-    CBQ only: windows of `window` blocks overlapping by `overlap` (2 and 1, the methods card's reading).
-    """
-
-    method: str = "rtn"
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = False
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    rank: int | None = None
-    iterations: int = 200
-    lr: float = 1e-3
-    seed: int = 0
-    window: int = 2
-    overlap: int = 1
-
-    def __post_init__(self):
-        _choice("quantize method", self.method, QUANTIZE_METHODS)
-        if self.bits not in BITS:
-            raise CompressError(f"wbits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
-        if self.group_size < 0:
-            raise CompressError(f"group size must be >= 0 (0: one group per row), got {self.group_size}")
-        if not 0 <= self.damp <= 1:
-            raise CompressError(f"damp must be in [0, 1], got {self.damp}")
-        if self.method != "gptq" and (self.act_order or self.static_groups):
-            raise CompressError("act-order and static groups are GPTQ options (--quantize gptq)")
-        if self.iterations < 0 or self.lr <= 0 or (self.rank is not None and self.rank < 1):
-            raise CompressError("iterations must be >= 0, lr > 0 and rank >= 1")
-        if not 0 <= self.overlap < self.window:
-            raise CompressError(f"CBQ needs 0 <= overlap < window, got window {self.window}, overlap {self.overlap}")
+# Keys of the recipe files written before per-method configs (one Quantize/Factorize/Compensate for every method),
+# with the defaults they always carried: a key the method's config lacks is dropped when it holds its default.
+LEGACY_DEFAULTS = {"act_order": False, "static_groups": False, "damp": 0.01, "rank": None, "iterations": 200,
+                   "lr": 1e-3, "seed": 0, "window": 2, "overlap": 1, "beta": None, "beta_min": 0.25, "beta_max": 0.75}
+STAGE_TYPES = {"factorize": FactorizeConfig, "quantize": GridConfig, "compensate": CompensateConfig}
 
 
 @dataclass(frozen=True)
@@ -109,72 +40,70 @@ class Calibration:
             raise CompressError(f"seqlen must be >= 2, got {self.seqlen}")
 
 
-COMPENSATE_METHODS = ("lorc", "eora")
-
-
-@dataclass(frozen=True)
-class Compensate:
-    """Low-rank compensation of the quantization error W - W_hat: W ~= base + up @ down.
-
-    lorc: ZeroQuant-V2's plain SVD of the error; eora: the error projected into the eigenspace of the
-    input Gram and truncated there. factor_bits: quantize up and down per output channel (None: fp16).
-    """
-
-    method: str = "eora"
-    rank: int = 64
-    factor_bits: int | None = None
-
-    def __post_init__(self):
-        _choice("compensation method", self.method, COMPENSATE_METHODS)
-        if self.rank < 1:
-            raise CompressError(f"compensation rank must be >= 1, got {self.rank}")
-        if self.factor_bits is not None and self.factor_bits not in BITS:
-            raise CompressError(f"factor bits must be one of {', '.join(map(str, BITS))}, got {self.factor_bits}")
-
-
 @dataclass(frozen=True)
 class Recipe:
     """Stages run in this order on every targeted linear: factorize, then quantize (the factors, if any),
-    then compensate the quantization error (only without factorize).
+    then compensate the quantization error (only without factorize). Each stage holds one method's config
+    (compress.methods.METHODS); its type says which method runs.
 
     include / exclude: regular expressions over full module names; by default every linear inside
     the decoder blocks is compressed (embeddings and the LM head stay as they are).
+    true_sequential: inside a block, compress the linears group by group in the order data flows, each group's
+    statistics captured with the earlier groups already compressed (False: all from the uncompressed block).
     """
 
-    factorize: Factorize | None = None
-    quantize: Quantize | None = None
-    compensate: Compensate | None = None
+    factorize: FactorizeConfig | None = None
+    quantize: GridConfig | None = None
+    compensate: CompensateConfig | None = None
     calibration: Calibration = field(default_factory=Calibration)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    true_sequential: bool = True
 
     def __post_init__(self):
+        for stage, kind in STAGE_TYPES.items():
+            config = getattr(self, stage)
+            if config is not None and not isinstance(config, kind):
+                raise CompressError(f"recipe.{stage} must be a {stage} method's config "
+                                    f"({', '.join(c.__name__ for c, _ in METHODS[stage].values())}), got {config!r}")
         if self.factorize is None and self.quantize is None and self.compensate is None:
             raise CompressError("nothing to do: give a rank budget (--rank-budget), a bit width (--wbits), or both")
         if self.compensate is not None and self.factorize is not None:
-            raise CompressError("compensation corrects a quantized weight: use it with --wbits and without --rank-budget")
-        if self.factorize is not None and self.quantize is not None and self.quantize.method in ("lrq", "cbq"):
-            raise CompressError(f"{self.quantize.method} learns the quantized weights of whole blocks: "
+            raise CompressError("compensation corrects a quantized weight: use it with --wbits "
+                                "and without --rank-budget")
+        if self.factorize is not None and isinstance(self.quantize, LearnedConfig):
+            raise CompressError(f"{method_name(self.quantize)} learns the quantized weights of whole blocks: "
                                 "use it without --rank-budget")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for stage in STAGE_TYPES:
+            config = getattr(self, stage)
+            if config is not None:
+                data[stage] = {"method": method_name(config), **dataclasses.asdict(config)}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
+        """A recipe from its dict. One without `true_sequential` was written before per-method configs: its stages
+        may carry other methods' default keys (dropped), and it replays as it ran, without true-sequential."""
         _known_keys("recipe", data, cls)
-        parts = {"factorize": Factorize, "quantize": Quantize, "compensate": Compensate, "calibration": Calibration}
         kwargs = dict(data)
-        for key, kind in parts.items():
-            if kwargs.get(key) is not None:
-                if not isinstance(kwargs[key], dict):
-                    raise CompressError(f"recipe: '{key}' must be a mapping, got {kwargs[key]!r}")
-                _known_keys(f"recipe.{key}", kwargs[key], kind)
-                kwargs[key] = kind(**kwargs[key])
-        if kwargs.get("calibration") is None:
+        legacy = "true_sequential" not in data
+        for stage in STAGE_TYPES:
+            if kwargs.get(stage) is not None:
+                kwargs[stage] = _stage_config(stage, kwargs[stage], legacy)
+        if kwargs.get("calibration") is not None:
+            if not isinstance(kwargs["calibration"], dict):
+                raise CompressError(f"recipe: 'calibration' must be a mapping, got {kwargs['calibration']!r}")
+            _known_keys("recipe.calibration", kwargs["calibration"], Calibration)
+            kwargs["calibration"] = Calibration(**kwargs["calibration"])
+        else:
             kwargs.pop("calibration", None)
+        if legacy:
+            kwargs["true_sequential"] = False
         return cls(**kwargs)
 
     def to_json(self) -> str:
@@ -197,9 +126,27 @@ class Recipe:
         return cls.from_dict(data)
 
 
-def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise CompressError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
+def _stage_config(stage: str, data: object, legacy: bool):
+    """The config of one stage from {method: name, field: value, ...}."""
+    if not isinstance(data, dict):
+        raise CompressError(f"recipe: '{stage}' must be a mapping, got {data!r}")
+    fields = dict(data)
+    name = fields.pop("method", None)
+    if name not in METHODS[stage]:
+        raise CompressError(f"recipe.{stage}: unknown method {name!r} (choose from {', '.join(METHODS[stage])})")
+    kind = config_type(stage, name)
+    own = {f.name for f in dataclasses.fields(kind)}
+    if legacy:
+        stale = [key for key in fields if key not in own and key in LEGACY_DEFAULTS]
+        changed = [key for key in stale if fields[key] != LEGACY_DEFAULTS[key]]
+        if changed:
+            raise CompressError(f"recipe.{stage}: {', '.join(changed)} do(es) not apply to {name} (an old recipe "
+                                f"file?); remove the key(s) and add `true_sequential: false` to replay it as it ran")
+        # None stood for "the method's default" (LRQ's and CBQ's rank)
+        fields = {key: value for key, value in fields.items()
+                  if key not in stale and not (value is None and getattr(kind, key, None) is not None)}
+    _known_keys(f"recipe.{stage} ({name})", fields, kind)
+    return kind(**fields)
 
 
 def _known_keys(where: str, data: dict, kind: type) -> None:

@@ -22,7 +22,6 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.formats.native import sha256
-from kernels.grid import QuantizedWeight
 
 INDEX = "model.safetensors.index.json"
 RUN = "run.json"
@@ -109,7 +108,8 @@ def fingerprint(model: str, recipe: dict, input_ids: torch.Tensor, blocks: int, 
     block count, torch, the kind of device and the activations' dtype (--offload)."""
     tokens = hashlib.sha256(input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
     return {"model": model, "recipe": recipe, "calibration_sha256": tokens, "blocks": blocks,
-            "torch": torch.__version__, "device": device.type, "activations": str(activation_dtype).removeprefix("torch.")}
+            "torch": torch.__version__, "device": device.type,
+            "activations": str(activation_dtype).removeprefix("torch.")}
 
 
 def file_entry(path: Path) -> dict:
@@ -144,7 +144,8 @@ class Checkpoints:
         if work.exists():
             saved = json.loads((work / RUN).read_text()) if (work / RUN).is_file() else None
             if saved != run:
-                differ = ["its run.json is missing"] if saved is None else [key for key in run if saved.get(key) != run[key]]
+                differ = (["its run.json is missing"] if saved is None
+                          else [key for key in run if saved.get(key) != run[key]])
                 raise CompressError(f"cannot resume: {work} was made by a different run ({', '.join(differ)} "
                                     f"differ; --offload and --device count); {START_OVER}")
         else:
@@ -176,13 +177,15 @@ class Checkpoints:
         "fp_hidden") and any learned weights of later blocks ("pending.*")."""
         return load_file(self.work / f"streams-{index:05d}.safetensors")
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict, carried: dict[str, torch.Tensor]) -> None:
+    def save(self, index: int, tensors: dict[str, torch.Tensor], record: dict,
+             carried: dict[str, torch.Tensor]) -> None:
         name = shard_name(index, self.blocks + 1)
         write_atomic(self.work / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         carried = {key: tensor.contiguous() for key, tensor in carried.items()}
         write_atomic(self.work / f"streams-{index:05d}.safetensors", lambda tmp: save_file(carried, tmp))
         record = {**record, "file": {name: file_entry(self.work / name)}}
-        write_atomic(self.work / f"block-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        write_atomic(self.work / f"block-{index:05d}.json",
+                     lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
         (self.work / f"streams-{index - 1:05d}.safetensors").unlink(missing_ok=True)
 
     def clean(self) -> None:
@@ -201,120 +204,3 @@ def write_atomic(path: Path, write) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-class Stream:
-    """What `compress_model` needs to run from shards: fill a block before it, checkpoint and free it after."""
-
-    def __init__(self, shards: Shards, work: Path, device: torch.device | str = "cpu",
-                 activation_dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype = torch.float16,
-                 resume: bool = False, overwrite: bool = False):
-        self.shards, self.work, self.device = shards, work, torch.device(device)
-        self.activation_dtype, self.storage_dtype = activation_dtype, storage_dtype
-        self.resume, self.overwrite = resume, overwrite
-        self.checkpoints: Checkpoints | None = None
-        self.outside: list[str] = []
-
-    def weight(self, name: str) -> torch.Tensor:
-        return self.shards.get(f"{name}.weight")
-
-    def start(self, input_ids: torch.Tensor, recipe, blocks: int) -> int:
-        """Open the work directory; the number of blocks an interrupted run already finished."""
-        run = fingerprint(str(self.shards.directory), recipe.to_dict(), input_ids, blocks, self.device,
-                          self.activation_dtype)
-        self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite)
-        finished = self.checkpoints.finished()
-        self.checkpoints.verify(finished)
-        return finished
-
-    def fill_outside(self, model: nn.Module, prefix: str) -> None:
-        """Fill what runs before the blocks (embeddings); the output head stays on meta."""
-        from accelerate.utils import set_module_tensor_to_device
-
-        head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
-        self.outside = [key for key in model.state_dict() if not key.startswith((f"{prefix}.", f"{head}."))
-                        and key in self.shards]
-        self.shards.fill(model, "", torch.float32, self.device, self.outside)
-        for name, buffer in model.named_buffers():  # RoPE's frequencies: not in the shards, made on the CPU
-            if not name.startswith(f"{prefix}.") and not buffer.is_meta:
-                set_module_tensor_to_device(model, name, self.device)
-
-    def release_outside(self, model: nn.Module, prefix: str) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        for key in self.outside:
-            set_module_tensor_to_device(model, key, "meta")
-
-    def place(self, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, dict]:
-        """The calibration stream on the CPU in the activation dtype; the block arguments on the compute device."""
-        from accelerate.utils import send_to_device
-
-        return hidden.to("cpu", self.activation_dtype), send_to_device(block_kwargs, self.device)
-
-    def fill(self, block: nn.Module, prefix: str) -> None:
-        if any(t.is_meta for t in block.state_dict().values()):
-            self.shards.fill(block, f"{prefix}.", torch.float32, self.device)
-
-    def finish(self, model: nn.Module, prefix: str, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor,
-               record: dict, pending: dict[int, dict[str, QuantizedWeight]] | None = None) -> None:
-        """Write the finished block (compressed layers as they are, the rest in the storage dtype) and free it,
-        with the streams and `pending`: weights of later blocks already learned (a CBQ window), {block: {name: weight}}."""
-        from compress.layer import CompressedLinear
-
-        block = model.get_submodule(prefix)
-        compressed = {f"{prefix}.{name}": module for name, module in block.named_modules()
-                      if isinstance(module, CompressedLinear)}
-        keep = tuple(f"{name}." for name in compressed)
-        tensors = {}
-        for key, tensor in block.state_dict().items():
-            key = f"{prefix}.{key}"
-            cast = tensor.is_floating_point() and not key.startswith(keep)
-            tensors[key] = (tensor.to(self.storage_dtype) if cast else tensor).detach().cpu().contiguous()
-        carried = {"hidden": hidden, "fp_hidden": fp_hidden}
-        specs = {}
-        for later, layers in (pending or {}).items():
-            for name, quantized in layers.items():
-                specs.setdefault(str(later), {})[name] = {"bits": quantized.bits, "group_size": quantized.group_size,
-                                                          "shape": list(quantized.shape)}
-                carried.update({f"pending.{later}.{name}.{key}": t for key, t in quantized.tensors().items()})
-        record = {**record, "specs": {name: module.spec() for name, module in compressed.items()}, "pending": specs}
-        self.checkpoints.save(index, tensors, record, carried)
-        block.to("meta")
-
-    def carried(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, dict[str, QuantizedWeight]]]:
-        """What an interrupted run carried past its last finished block `index`: (hidden, fp_hidden, pending)."""
-        tensors = self.checkpoints.streams(index)
-        pending: dict[int, dict[str, QuantizedWeight]] = {}
-        for later, layers in self.checkpoints.record(index).get("pending", {}).items():
-            for name, spec in layers.items():
-                key = f"pending.{later}.{name}."
-                pending.setdefault(int(later), {})[name] = QuantizedWeight(
-                    tensors[key + "qweight"], tensors[key + "scales"], tensors.get(key + "qzeros"), spec["bits"],
-                    spec["group_size"], tuple(spec["shape"]), tensors.get(key + "g_idx"))
-        return tensors["hidden"], tensors["fp_hidden"], pending
-
-    def restore(self, model: nn.Module, index: int) -> dict:
-        """A block finished by an earlier run: its record, and its compressed layers' shapes put on meta."""
-        from compress.layer import CompressedLinear
-
-        record = self.checkpoints.record(index)
-        with torch.device("meta"):
-            for name, spec in record["specs"].items():
-                model.set_submodule(name, CompressedLinear.from_spec(spec))
-        if record["intermediate_size"]:
-            model.config.intermediate_size = record["intermediate_size"]
-        return record
-
-    def write_outside(self, model: nn.Module, prefix: str) -> dict[str, dict]:
-        """The tensors outside the blocks (embeddings, final norm, head), straight from the shards in the storage
-        dtype, as the last shard; returns every shard's file entry."""
-        blocks = self.checkpoints.blocks
-        name = shard_name(blocks, blocks + 1)
-        tensors = self.shards.read([key for key in model.state_dict() if not key.startswith(f"{prefix}.") and key in self.shards])
-        tensors = {key: (t.to(self.storage_dtype) if t.is_floating_point() else t).contiguous() for key, t in tensors.items()}
-        write_atomic(self.work / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        files = {}
-        for index in range(blocks):
-            files.update(self.checkpoints.record(index)["file"])
-        files[name] = file_entry(self.work / name)
-        return files

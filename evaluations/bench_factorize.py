@@ -72,7 +72,8 @@ def scaling_sweep(methods, sizes, tokens_per_channel: int = 4) -> list[dict]:
             start = time.perf_counter()
             factorize(weight, gram, cross, rank, stage)
             rows.append({"method": method, "hidden": size, "seconds": round(time.perf_counter() - start, 4)})
-        print("  ".join(f"{r['method']} {r['seconds']:.3f}s" for r in rows[-len(methods):]), f"(hidden {size})", flush=True)
+        print("  ".join(f"{r['method']} {r['seconds']:.3f}s" for r in rows[-len(methods):]), f"(hidden {size})",
+              flush=True)
     return rows
 
 
@@ -97,7 +98,8 @@ def main() -> None:
     ids = torch.tensor(tokenizer(eval_text("demo"), add_special_tokens=False, verbose=False)["input_ids"])
     eval_ids = ids[: args.eval_tokens] if args.eval_tokens else ids
     rows = quality_table(args.methods, args.allocators, args.budgets, args.wbits, args.nsamples, eval_ids)
-    print(f"\nseconds per layer against hidden size (random square layer, budget 0.5, {torch.get_num_threads()} threads)")
+    print("\nseconds per layer against hidden size "
+          f"(random square layer, budget 0.5, {torch.get_num_threads()} threads)")
     sweep = scaling_sweep(args.methods, args.sizes) if args.sizes else []
     result = {"table": rows, "scaling": sweep, "eval_tokens": len(eval_ids), "nsamples": args.nsamples,
               "threads": torch.get_num_threads()}

@@ -39,7 +39,8 @@ def problem(out_features: int, in_features: int, device: torch.device, g: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=None, help="divide the 8B shapes by this (default 1 on GPU, 8 on CPU)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="divide the 8B shapes by this (default 1 on GPU, 8 on CPU)")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per figure (median; CUDA events on a GPU)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
@@ -52,7 +53,8 @@ def main() -> None:
     gpu = device.type == "cuda"
     scale = args.scale or (1 if gpu else 8)
     wanted = args.paths or (["reference", "triton"] if gpu else ["reference"])
-    paths = [path for path in ("reference", "triton") if path in wanted]  # the reference first: the others compare to it
+    # the reference first: the others compare to it
+    paths = [path for path in ("reference", "triton") if path in wanted]
     device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     notice = None if gpu else ("NO GPU: GPU figures were not measured. On CPUs the Triton block kernel runs only in "
                                f"triton's interpreter (correctness, not speed); 8B shapes / {scale}.")
@@ -68,7 +70,7 @@ def main() -> None:
         results = {}
         for path in paths:
             os.environ[kernels.KERNELS_ENV] = path  # kernels.gptq_block's choice
-            def quantize():
+            def quantize(weight=weight, gram=gram, group_size=group_size):
                 return run_gptq(weight, gram, args.bits, group_size, symmetric=False, act_order=args.act_order)
 
             results[path] = quantize()  # untimed: compiles and autotunes the kernel
@@ -85,8 +87,8 @@ def main() -> None:
     totals = {path: BLOCKS * seconds for path, seconds in per_block.items()}
     shapes = "8B" if scale == 1 else f"8B / {scale}"
     for path, total in totals.items():
-        print(f"{path}: {per_block[path]:.2f} s of GPTQ per block, {total:.1f} s for {BLOCKS} blocks of {shapes} shapes "
-              f"(the linears' GPTQ only: no calibration forward passes)")
+        print(f"{path}: {per_block[path]:.2f} s of GPTQ per block, {total:.1f} s for {BLOCKS} blocks "
+              f"of {shapes} shapes (the linears' GPTQ only: no calibration forward passes)")
     path = write_results({"device": device_name, "gpu_measured": gpu, "notice": notice, "shape_scale": scale,
                           "bits": args.bits, "group_size": args.group_size, "act_order": args.act_order,
                           "repeat": args.repeat, "layers": rows, "seconds_per_block": per_block,

@@ -126,8 +126,10 @@ def bench_layers(shapes, batches, dtype: torch.dtype, device: torch.device, repe
         up = torch.randn(out_features, COMPENSATION_RANK, generator=g, device=device).to(dtype) * 0.01
         down = torch.randn(COMPENSATION_RANK, in_features, generator=g, device=device).to(dtype) * 0.01
         rank = budget_rank(in_features, out_features)
-        up4, down4 = random_quantized(out_features, rank, 4, device, g), random_quantized(rank, in_features, 4, device, g)
-        formats = {"w4g128+r64": (base, up, down), "w4g128 (rank 0)": (base, None, None), "r0.5 w4 factors": (None, up4, down4)}
+        up4, down4 = (random_quantized(out_features, rank, 4, device, g),
+                      random_quantized(rank, in_features, 4, device, g))
+        formats = {"w4g128+r64": (base, up, down), "w4g128 (rank 0)": (base, None, None),
+                   "r0.5 w4 factors": (None, up4, down4)}
         for batch in batches:
             x = torch.randn(batch, in_features, generator=g, device=device).to(dtype)
             out = batch * out_features * dtype.itemsize
@@ -146,7 +148,8 @@ def bench_layers(shapes, batches, dtype: torch.dtype, device: torch.device, repe
                 dense_seconds = dense_seconds or seconds
                 fraction = moved / peak / seconds if peak else None
                 rows.append({"shape": f"{in_features}x{out_features}", "in": in_features, "out": out_features,
-                             "batch": batch, "variant": name, "ms": seconds * 1e3, "speedup_vs_dense": dense_seconds / seconds,
+                             "batch": batch, "variant": name, "ms": seconds * 1e3,
+                             "speedup_vs_dense": dense_seconds / seconds,
                              "bytes_moved": moved, "bandwidth_fraction": fraction})
                 print(format_layer_row(rows[-1]), flush=True)
     return rows
@@ -179,14 +182,16 @@ def bench_demo(dtype: torch.dtype, device: torch.device, new_tokens: int, nsampl
     calibration = Calibration(nsamples=nsamples)
     recipes = {"demo w4g128 + lorc r64": Recipe(quantize=Quantize("rtn", 4, 128), compensate=Compensate("lorc", 64),
                                                 calibration=calibration),
-               "demo svd r0.5 + w4g128 factors": Recipe(factorize=Factorize("svd", 0.5), quantize=Quantize("rtn", 4, 128),
+               "demo svd r0.5 + w4g128 factors": Recipe(factorize=Factorize("svd", 0.5),
+                                                        quantize=Quantize("rtn", 4, 128),
                                                         calibration=calibration)}
     model, _, _ = load_model("demo")
     rows = [{"model": "demo dense", "tokens_per_s": tokens_per_second(model.to(device, dtype), device, new_tokens)}]
     for name, recipe in recipes.items():
         model, tokenizer, _ = load_model("demo")
         compressed = compress_model(model, recipe, tokenizer=tokenizer, progress=False).model
-        rows.append({"model": name, "tokens_per_s": tokens_per_second(compressed.to(device, dtype), device, new_tokens)})
+        rows.append({"model": name,
+                     "tokens_per_s": tokens_per_second(compressed.to(device, dtype), device, new_tokens)})
     return with_speedup(rows)
 
 
@@ -219,11 +224,15 @@ def with_speedup(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=None, help="divide the 8B shapes by this (default 1 on GPU, 8 on CPU)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="divide the 8B shapes by this (default 1 on GPU, 8 on CPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
-    parser.add_argument("--repeat", type=int, default=None, help="timed calls per figure (default 100 on GPU, 10 on CPU)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per decode figure (64 GPU, 32 CPU)")
-    parser.add_argument("--llama-layers", type=int, default=32, help="blocks of the 8B-shaped model (GPU only; 0: skip)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed calls per figure (default 100 on GPU, 10 on CPU)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="generated tokens per decode figure (64 GPU, 32 CPU)")
+    parser.add_argument("--llama-layers", type=int, default=32,
+                        help="blocks of the 8B-shaped model (GPU only; 0: skip)")
     parser.add_argument("--nsamples", type=int, default=16, help="calibration windows for the compressed demo models")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one keeps timings steady on a shared CPU)")
     parser.add_argument("--out", type=Path, default=Path("evaluations/results/bench_kernels"))
@@ -232,14 +241,16 @@ def main() -> None:
     gpu = device.type == "cuda"
     if not gpu:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if gpu else torch.float32  # CPU bf16 matmuls are emulated on most CPUs: fp32 is its fast path
+    # CPU bf16 matmuls are emulated on most CPUs: fp32 is its fast path
+    dtype = torch.bfloat16 if gpu else torch.float32
     scale = args.scale or (1 if gpu else 8)
     repeat = args.repeat or (100 if gpu else 10)
     new_tokens = args.new_tokens or (64 if gpu else 32)
     device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    notice = None if gpu else ("NO GPU: GPU figures were not measured. CPU timings of the reference path, torch's CPU int4 "
-                               f"kernel and dense {dtype} matmul on the 8B shapes divided by {scale}; the fused Triton kernels "
-                               "run on CPUs only in triton's interpreter (correctness, not speed) and are not timed.")
+    notice = None if gpu else ("NO GPU: GPU figures were not measured. CPU timings of the reference path, "
+                               f"torch's CPU int4 kernel and dense {dtype} matmul on the 8B shapes divided by {scale}; "
+                               "the fused Triton kernels run on CPUs only in triton's interpreter "
+                               "(correctness, not speed) and are not timed.")
     print(f"device: {device_name}, activations {dtype}, peak bandwidth {peak_bandwidth(device) or 'unknown'}")
     if notice:
         print(notice)

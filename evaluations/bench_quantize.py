@@ -43,11 +43,13 @@ def recipes(methods, widths, ranks, nsamples, iterations):
             for compensation in ("lorc", "eora"):
                 for rank in ranks:
                     yield (f"{method} w{bits}g{group_size} + {compensation}{rank}", f"{method} + {compensation}{rank}",
-                           Recipe(quantize=quantize, compensate=Compensate(compensation, rank), calibration=calibration))
+                           Recipe(quantize=quantize, compensate=Compensate(compensation, rank),
+                                  calibration=calibration))
     for method in methods:
         if method in ("rtn", "gptq"):  # the learned quantizers work on whole blocks, not on factors
             yield (f"svd-llm r0.5 + {method} w4g128", "low rank then quantize",
-                   Recipe(factorize=Factorize("svd-llm", 0.5), quantize=Quantize(method, 4, 128), calibration=calibration))
+                   Recipe(factorize=Factorize("svd-llm", 0.5), quantize=Quantize(method, 4, 128),
+                          calibration=calibration))
 
 
 def main() -> None:
@@ -72,8 +74,8 @@ def main() -> None:
     for label, series, recipe in recipes(args.methods, widths, args.ranks, args.nsamples, args.iterations):
         rows.append({"method": label, "series": series, **run(recipe, eval_ids)})
         print(format_row(rows[-1]), flush=True)
-    write_results({"table": rows, "eval_tokens": len(eval_ids), "nsamples": args.nsamples, "iterations": args.iterations,
-                   "threads": torch.get_num_threads()}, args.out)
+    write_results({"table": rows, "eval_tokens": len(eval_ids), "nsamples": args.nsamples,
+                   "iterations": args.iterations, "threads": torch.get_num_threads()}, args.out)
     plot_pareto(rows, args.out / "perplexity_vs_bits.png", "series", "demo model: quantization and compensation")
     print("\n" + table(rows))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'perplexity_vs_bits.png'}")

@@ -6,8 +6,9 @@
 The checkpoint is written shard by shard (one block per shard, bf16, never whole in memory), then each recipe runs
 in its own process so that its peak resident memory is its own: `--rank-budget 0.5 --wbits 4` (SVD-LLM, 4-bit
 factors), GPTQ W4 g128, and GPTQ W4 g128 + EoRA rank 64 (`--recipes` picks; on a GPU with a 10-minute limit per
-command, run one recipe per command: the checkpoint in --work is written once and reused). Random weights have no low-rank structure: these are speed and memory
-figures, not quality ones. The extrapolated total is the run's fixed cost plus the mean block time x 32.
+command, run one recipe per command: the checkpoint in --work is written once and reused). Random weights have no
+low-rank structure: these are speed and memory figures, not quality ones. The extrapolated total is the run's fixed
+cost plus the mean block time x 32.
 """
 from __future__ import annotations
 
@@ -46,15 +47,18 @@ def write_checkpoint(directory: Path, blocks: int, seed: int = 0) -> None:
     def shard(index: int, tensors: dict[str, tuple[int, ...]]) -> None:
         name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
         values = {key: (torch.ones(shape) if key.endswith("norm.weight") else
-                        torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for key, shape in tensors.items()}
+                        torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                  for key, shape in tensors.items()}
         save_file(values, directory / name, metadata={"format": "pt"})
         weight_map.update({key: name for key in values})
 
     for index in range(blocks):
         shard(index, {f"model.layers.{index}.{key}": shape for key, shape in shapes.items()})
     shard(blocks, {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
-                   "model.norm.weight": (config.hidden_size,), "lm_head.weight": (config.vocab_size, config.hidden_size)})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+                   "model.norm.weight": (config.hidden_size,),
+                   "lm_head.weight": (config.vocab_size, config.hidden_size)})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(directory)
 
 
@@ -77,15 +81,18 @@ def compress_once(model: Path, recipe_name: str, out: Path, nsamples: int, seqle
     recipe = Recipe.from_dict({**RECIPES[recipe_name], "calibration": {"nsamples": nsamples, "seqlen": seqlen}})
     ids = torch.randint(0, LLAMA_3_8B["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     start = time.time()
-    compressed = compress_to_directory(str(model), recipe, out, calib=ids, device=device, offload=offload, overwrite=True)
+    compressed = compress_to_directory(str(model), recipe, out, calib=ids, device=device, offload=offload,
+                                       overwrite=True)
     seconds = time.time() - start
     report = compressed.report
     blocks = report["block_seconds"]
     fixed = seconds - sum(blocks)
     record = {"recipe": recipe_name, "blocks": len(blocks), "nsamples": nsamples, "seqlen": seqlen,
-              "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")), "threads": torch.get_num_threads(),
+              "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+              "threads": torch.get_num_threads(),
               "offload": offload, "seconds": round(seconds, 1), "block_seconds": blocks,
-              "fixed_seconds": round(fixed, 1), "extrapolated_32_blocks_seconds": round(fixed + 32 * sum(blocks) / len(blocks), 1),
+              "fixed_seconds": round(fixed, 1),
+              "extrapolated_32_blocks_seconds": round(fixed + 32 * sum(blocks) / len(blocks), 1),
               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "bits_per_weight": round(report["bits_per_weight"], 3), "commit": commit()}
     if torch.cuda.is_available():
@@ -109,13 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--device", help="cuda or cpu (default cuda when available)")
     parser.add_argument("--offload", action="store_true", help="calibration activations in half precision on the CPU")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"), help="where the checkpoint and outputs go")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"),
+                        help="where the checkpoint and outputs go")
     parser.add_argument("--json", type=Path, default=Path("evaluations/results/bench_scale/results.json"))
     parser.add_argument("--one", nargs=2, metavar=("RECIPE", "OUT"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     model = args.work / f"llama-3-8b-shaped-{args.blocks}"
     if args.one:
-        record = compress_once(model, args.one[0], Path(args.one[1]), args.nsamples, args.seqlen, args.device, args.offload)
+        record = compress_once(model, args.one[0], Path(args.one[1]), args.nsamples, args.seqlen, args.device,
+                               args.offload)
         print("RECORD " + json.dumps(record))
         return
     if not (model / "model.safetensors.index.json").is_file():
@@ -147,7 +156,8 @@ def format_record(record: dict) -> str:
     per_block = sum(record["block_seconds"]) / record["blocks"]
     gpu = f", peak GPU {record['peak_gpu_gib']} GiB on {record['gpu']}" if "gpu" in record else ""
     return (f"{record['recipe']:>15}: {record['blocks']} block(s), {record['nsamples']} x {record['seqlen']} tokens on "
-            f"{record['device']} ({record['threads']} threads): {per_block:.0f} s per block, fixed {record['fixed_seconds']:.0f} s, "
+            f"{record['device']} ({record['threads']} threads): {per_block:.0f} s per block, "
+            f"fixed {record['fixed_seconds']:.0f} s, "
             f"extrapolated to 32 blocks {record['extrapolated_32_blocks_seconds'] / 60:.1f} min; peak RSS "
             f"{record['peak_rss_gib']} GiB{gpu}; {record['bits_per_weight']} bits per weight")
 

@@ -45,7 +45,8 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
                                          task_manager=manager, log_samples=False, verbosity="WARNING")
     except (OSError, ConnectionError) as exc:  # datasets raises these (or subclasses) for data it cannot fetch
         raise CompressError(f"cannot load the data of {', '.join(tasks)} (hub tasks need the network or a "
-                            f"datasets cache; local tasks: {', '.join(local_tasks())}): {str(exc).splitlines()[0]}") from None
+                            f"datasets cache; local tasks: {', '.join(local_tasks())}): "
+                            f"{str(exc).splitlines()[0]}") from None
     results = {task: {metric.removesuffix(",none"): value for metric, value in metrics.items()
                       if metric not in ("alias", "sample_len") and isinstance(value, (int, float))}
                for task, metrics in output["results"].items()}

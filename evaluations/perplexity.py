@@ -43,6 +43,7 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int, batch_size: int = 8,
 def text_perplexity(model, tokenizer, source: str | Path, seqlen: int | None = None, progress: bool = True) -> dict:
     """{'perplexity', 'source', 'seqlen', 'tokens'} of a model on a text source."""
     seqlen = seqlen or default_seqlen(model)
-    ids = torch.tensor(tokenizer(eval_text(source), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(eval_text(source), add_special_tokens=False, verbose=False)["input_ids"],
+                       dtype=torch.long)
     return {"perplexity": perplexity(model, ids, seqlen, progress=progress), "source": str(source),
             "seqlen": seqlen, "tokens": (len(ids) // seqlen) * seqlen}

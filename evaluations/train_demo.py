@@ -105,7 +105,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 20)
-    schedule = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+    schedule = lambda step: (min(1.0, (step + 1) / warmup)
+                             * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.time()
@@ -131,7 +132,8 @@ def main() -> None:
         windows = heldout_ids[: n * args.seqlen].view(n, args.seqlen)
         nll = sum(model(input_ids=w[None], labels=w[None]).loss.item() for w in windows) / n
     record = {"steps": args.steps, "batch": args.batch, "seqlen": args.seqlen, "lr": args.lr, "seed": args.seed,
-              "train_tokens": ids.numel(), "heldout_tokens": heldout_ids.numel(), "parameters": sum(p.numel() for p in model.parameters()),
+              "train_tokens": ids.numel(), "heldout_tokens": heldout_ids.numel(),
+              "parameters": sum(p.numel() for p in model.parameters()),
               "heldout_perplexity": math.exp(nll), "seconds": round(time.time() - start), "torch": torch.__version__,
               "python_stdlib": sysconfig.get_paths()["stdlib"]}
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

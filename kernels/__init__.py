@@ -3,13 +3,13 @@ for CPU tensors.
 
 `lowrank_linear`: the compressed layer `W ~= base + up @ down` (kernels.fused_matmul for prefill,
 kernels.splitk_matmul for decode). `gptq_block`: one block of GPTQ's column loop (kernels.gptq_triton).
-COMPRESS_KERNELS=reference forces the reference everywhere (for debugging); COMPRESS_KERNELS=triton forces
-the kernels, which on a CPU needs TRITON_INTERPRET=1 set before they are first used.
+A caller picks a path explicitly with `kernel` (auto, reference or triton; a CompressedLinear passes its own
+`kernel`); under auto, COMPRESS_KERNELS=reference forces the reference everywhere (for debugging) and
+COMPRESS_KERNELS=triton the kernels, which on a CPU needs TRITON_INTERPRET=1 set before they are first used.
 """
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 
@@ -22,41 +22,29 @@ KERNELS_ENV = "COMPRESS_KERNELS"
 CHOICES = ("auto", "reference", "triton")
 
 
-_forced: list[str] = []  # innermost `forced(...)` last
-
-
-@contextmanager
-def forced(choice: str):
-    """Within the block, take `choice` (auto, reference or triton) whatever COMPRESS_KERNELS says."""
-    if choice not in CHOICES:
-        raise ValueError(f"kernel choice must be one of {', '.join(CHOICES)}, got '{choice}'")
-    _forced.append(choice)
-    try:
-        yield
-    finally:
-        _forced.pop()
-
-
-def use_triton(x: torch.Tensor, obey_forced: bool = True) -> bool:
-    """The choice of path: `forced` (unless obey_forced is False), else COMPRESS_KERNELS when it names one, else
-    Triton exactly for CUDA tensors."""
-    choice = _forced[-1] if _forced and obey_forced else os.environ.get(KERNELS_ENV, "auto")
+def use_triton(x: torch.Tensor, kernel: str = "auto") -> bool:
+    """The choice of path: `kernel` when it names one, else COMPRESS_KERNELS when it names one, else Triton exactly
+    for CUDA tensors."""
+    if kernel not in CHOICES:
+        raise ValueError(f"kernel choice must be one of {', '.join(CHOICES)}, got '{kernel}'")
+    choice = os.environ.get(KERNELS_ENV, "auto") if kernel == "auto" else kernel
     if choice not in CHOICES:
         raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(CHOICES)}, got '{choice}'")
     return choice == "triton" or (choice == "auto" and x.is_cuda)
 
 
 def lowrank_linear(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """Dispatch point for `x @ (base + up @ down)^T + bias` (see kernels.reference for shapes)."""
-    if use_triton(x):
+    if use_triton(x, kernel):
         return lowrank_linear_triton(x, base, up, down, bias)
     return lowrank_linear_reference(x, base, up, down, bias)
 
 
 def lowrank_linear_triton(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """lowrank_linear_reference through the Triton kernels: t = x @ down^T once, then base's GEMM with t @ up^T fused in.
+    """lowrank_linear_reference through the Triton kernels: t = x @ down^T once, then base's GEMM
+    with t @ up^T fused in.
 
     Without a base the two factors run as two chained GEMMs (t, then t @ up^T + bias).
     """
@@ -76,11 +64,9 @@ def lowrank_linear_triton(x: torch.Tensor, base: Operand, up: Operand, down: Ope
 
 def gptq_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch point for one block of GPTQ's column loop (see kernels.reference.gptq_block_reference).
-
-    `forced` does not apply: it pins the matmul that propagates calibration activations, and both GPTQ paths give
-    the same bits."""
-    if use_triton(W1, obey_forced=False):
+    """Dispatch point for one block of GPTQ's column loop (see kernels.reference.gptq_block_reference): both paths
+    give the same bits."""
+    if use_triton(W1):
         from kernels.gptq_triton import gptq_block_triton
 
         return gptq_block_triton(W1, Hinv1, scale, zero, bits)

@@ -44,7 +44,8 @@ def gptq_block_kernel(w_ptr, h_ptr, scale_ptr, zero_ptr, ints_ptr, q_ptr, err_pt
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
     col = tl.arange(0, BLOCK_C)[None, :]
-    W = tl.load(w_ptr + row[:, None] * stride_w_row + col * stride_w_col, mask=row_ok[:, None] & (col < cols), other=0.0)
+    W = tl.load(w_ptr + row[:, None] * stride_w_row + col * stride_w_col,
+                mask=row_ok[:, None] & (col < cols), other=0.0)
     loss = tl.zeros((BLOCK_R,), dtype=W.dtype)
     for i in range(0, cols):
         w = tl.sum(tl.where(col == i, W, 0.0), axis=1)  # column i: one term, exact

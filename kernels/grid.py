@@ -99,7 +99,8 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 
 def resolve_group_size(cols: int, group_size: int) -> int:
-    """The requested group size if it divides `cols`, else the largest divisor of `cols` below it (0: one group per row)."""
+    """The requested group size if it divides `cols`, else the largest divisor of `cols` below it
+    (0: one group per row)."""
     if group_size <= 0 or group_size >= cols:
         return cols
     return max(d for d in range(1, group_size + 1) if cols % d == 0)

@@ -25,7 +25,8 @@ def configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2})]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=4, num_stages=stages)
-            for (n, k, split), stages in itertools.product(itertools.product((32, 64, 128), (128, 256), (1, 4, 8)), (2, 4))]
+            for (n, k, split), stages in itertools.product(itertools.product((32, 64, 128), (128, 256), (1, 4, 8)),
+                                                           (2, 4))]
 
 
 @triton.autotune(configs=configs(), key=["M_BUCKET", "N", "K", "R"], reset_to_zero=["y_ptr"])
@@ -65,13 +66,15 @@ def splitk_matmul_kernel(
                 acc = mma(t, u.to(dtype), acc, INTERPRET)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.atomic_add(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.atomic_add(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def splitk_matmul(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, t: torch.Tensor | None = None,
                   up: torch.Tensor | QuantizedWeight | None = None, bias: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x (M, K) @ weight^T (+ t @ up^T) (+ bias) -> (M, N) in `out_dtype` (default x's); weight (N, K), t (M, r), up (N, r).
+    """x (M, K) @ weight^T (+ t @ up^T) (+ bias) -> (M, N) in `out_dtype` (default x's);
+    weight (N, K), t (M, r), up (N, r).
 
     The sums are formed in fp32; out_dtype=torch.float32 returns them without a cast (for a t fed to the next launch).
     """

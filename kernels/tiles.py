@@ -83,7 +83,8 @@ def weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[tuple, dict]:
 
 
 def matmul_args(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, t: torch.Tensor | None,
-                up: torch.Tensor | QuantizedWeight | None, bias: torch.Tensor | None, y: torch.Tensor) -> tuple[list, dict]:
+                up: torch.Tensor | QuantizedWeight | None, bias: torch.Tensor | None,
+                y: torch.Tensor) -> tuple[list, dict]:
     """(arguments, constexprs) of a matmul kernel: y = x @ weight^T (+ t @ up^T) (+ bias); both kernels take these."""
     (m, k), (n, rank) = x.shape, (weight.shape[0], 0 if t is None else t.shape[1])
     weight_tensors, weight_flags = weight_args(weight)

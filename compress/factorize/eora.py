@@ -5,12 +5,29 @@ B = U'_r S'_r^(1/2), A = S'_r^(1/2) V'_r^T Q'^(+): the rank-r M minimising ||(T 
 target T is the weight W (plain factorization, same optimum as SVD-LLM) or the compression error
 W - W_hat (EoRA's compensation: y = W_hat x + B (A x)); the same function serves both.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 
+from calibration import Statistics
+from compress.factorize import Factorization, FactorizeConfig
 from compress.linalg import LowRank, balanced_factors, eigen_root, top_left_singular
 
 
-def factorize_eora(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
+@dataclass(frozen=True)
+class EoRAFactorize(FactorizeConfig):
+    """Each weight projected into the eigenspace of its input Gram and truncated there (the same optimum as
+    SVD-LLM, reached through an eigendecomposition instead of a Cholesky factor)."""
+
+
+def factorize_eora(weight: torch.Tensor, statistics: Statistics, rank: int, config: EoRAFactorize) -> Factorization:
+    """weight (out, in), statistics.gram (in, in) -> the rank-`rank` M minimising ||(W - M) X||_F."""
+    return Factorization(eigenspace_lowrank(weight, statistics.gram, rank))
+
+
+def eigenspace_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
     """target (out, in) = W or W - W_hat, gram (in, in) -> LowRank(up = B (out, rank), down = A (rank, in))."""
     root, inverse_lambda = eigen_root(gram)
     # target.double() only as temporaries: an 8B down_proj's is 0.45 GiB, next to two (in, in) float64 matrices

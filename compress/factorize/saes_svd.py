@@ -7,29 +7,61 @@ C C^T = H (+ damp I): truncated SVD G ~ U_r S_r V_r^T, A = U_r S_r^(1/2), B = S_
 The ridge enters H in both places, so beta = 0 gives G = W C, exactly SVD-LLM.
 ACES picks beta in [beta_min, beta_max] minimising the first-order tail-energy ratio rho(beta).
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from calibration import Statistics
+from compress.errors import CompressError
+from compress.factorize import Factorization, FactorizeConfig
 from compress.linalg import LowRank, balanced_svd, damped_cholesky, truncated_svd
 
 
-def factorize_saes(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, rank: int, beta: float | None = None,
-                   beta_max: float = 0.99, beta_min: float = 0.0) -> tuple[LowRank, float, float]:
-    """weight (out, in), gram H (in, in), cross Delta (in, in) -> (LowRank, beta used, damping of the Cholesky factor).
+@dataclass(frozen=True)
+class SAES(FactorizeConfig):
+    """SAES-SVD: beta = alpha/(1+alpha) weighs the fit to the full-precision stream; None lets ACES choose it per
+    layer in [beta_min, beta_max]."""
+
+    beta: float | None = None
+    beta_min: float = 0.25
+    beta_max: float = 0.75
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta is not None and not 0 <= self.beta < 1:
+            raise CompressError(f"beta must be in [0, 1), got {self.beta}")
+        if not 0 <= self.beta_min <= self.beta_max < 1:
+            raise CompressError(f"need 0 <= beta_min <= beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
+
+
+def factorize_saes(weight: torch.Tensor, statistics: Statistics, rank: int, config: SAES) -> Factorization:
+    """weight (out, in), statistics.gram H and statistics.cross Delta (in, in) -> Factorization (with the beta used
+    and the damping of the Cholesky factor).
 
     cross = (X^f - X) X^T in column notation, i.e. (Xf - X).T @ X for row-major (tokens, in) inputs, scaled like gram.
-    beta=None chooses beta with ACES in [beta_min, beta_max]; a given beta is used as it is.
     """
+    return saes_lowrank(weight, statistics.gram, statistics.cross, rank, config.beta, config.beta_max, config.beta_min)
+
+
+def saes_lowrank(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, rank: int, beta: float | None = None,
+                 beta_max: float = 0.99, beta_min: float = 0.0) -> Factorization:
+    """CEALC's closed form, with the beta used and the damping. beta=None chooses beta with ACES in
+    [beta_min, beta_max]; a given beta is used as it is."""
     root, damp = damped_cholesky(gram)
     S = weight.double() @ root  # W (H + damp I) C^(-T) = W C
-    D = torch.linalg.solve_triangular(root.T, weight.double() @ cross.double(), upper=True, left=False)  # W Delta C^(-T)
+    D = torch.linalg.solve_triangular(root.T, weight.double() @ cross.double(),
+                                      upper=True, left=False)  # W Delta C^(-T)
     if beta is None:
         beta = aces_beta(S, D, rank, beta_max, beta_min)
     elif not 0.0 <= beta < 1.0:
         raise ValueError(f"beta = alpha/(1+alpha) must lie in [0, 1), got {beta}")
     up, down = balanced_svd(S + beta * D, rank)
     down = torch.linalg.solve_triangular(root, down, upper=False, left=False)
-    return LowRank(up=up.to(weight.dtype), down=down.to(weight.dtype)), float(beta), damp
+    lowrank = LowRank(up=up.to(weight.dtype), down=down.to(weight.dtype))
+    return Factorization(lowrank, damp=damp, beta=float(beta))
 
 
 def _complement(M: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
@@ -41,8 +73,9 @@ def _complement(M: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> torch.Ten
 def aces_beta(S: torch.Tensor, D: torch.Tensor, rank: int, beta_max: float = 0.99, beta_min: float = 0.0) -> float:
     """S = W H L, D = W Delta L (out, in) -> argmin over [beta_min, beta_max] of rho(beta), the approximate tail ratio.
 
-    rho(beta) = (a + 2 b beta + c beta^2) / (A + 2 B beta + C beta^2) with a, b, c the energies of S, D projected off the
-    top-r singular subspaces of S and A, B, C those of S, D; candidates are the endpoints and the real stationary points.
+    rho(beta) = (a + 2 b beta + c beta^2) / (A + 2 B beta + C beta^2) with a, b, c the energies of S, D
+    projected off the top-r singular subspaces of S and A, B, C those of S, D; candidates are the endpoints
+    and the real stationary points.
     """
     if not 0.0 <= beta_min <= beta_max < 1.0:
         raise ValueError(f"need 0 <= beta_min <= beta_max < 1, got [{beta_min}, {beta_max}]")

@@ -32,7 +32,8 @@ from torch import nn
 from compress.errors import CompressError
 from compress.formats.lora import ADAPTER, VLLM_LORA_RANKS, layer_factors, lora_rank, pad_factors, save_lora_adapter
 from compress.layer import CompressedLinear, PackedTensor
-from compress.quantize.rtn import quantize_rtn
+from compress.quantize.gptq import GPTQ
+from compress.quantize.rtn import round_to_nearest
 from kernels import grid
 from kernels.grid import QuantizedWeight, resolve_group_size
 
@@ -210,7 +211,7 @@ def gptq_layers(model: nn.Module, recipe: dict, options: ExportOptions) -> dict[
             layers[name] = GPTQLayer(layer.base.operand(), bias, layer_factors(layer))
         elif options.merge_lowrank:
             weight = layer.weight_approx()
-            quantized = quantize_rtn(weight, bits, resolve_group_size(weight.shape[1], group_size), symmetric)
+            quantized = round_to_nearest(weight, bits, resolve_group_size(weight.shape[1], group_size), symmetric)
             layers[name] = GPTQLayer(quantized, bias, None, merged=True)
         else:
             refused.append(name)
@@ -235,8 +236,9 @@ def gptq_config(layers: dict[str, GPTQLayer], recipe: dict, checkpoint_format: s
     return {"quant_method": "gptq", "bits": bits.pop(), "group_size": group_sizes.pop(),
             "sym": all(layer.quantized.symmetric for layer in layers.values()),
             "desc_act": any(layer.quantized.g_idx is not None for layer in layers.values()),
-            "static_groups": bool(stage.get("static_groups", False)), "true_sequential": True,
-            "damp_percent": stage.get("damp", 0.01), "lm_head": False, "pack_dtype": "int32",
+            "static_groups": bool(stage.get("static_groups", False)),
+            "true_sequential": bool(recipe.get("true_sequential", False)),
+            "damp_percent": stage.get("damp", GPTQ.damp), "lm_head": False, "pack_dtype": "int32",
             "checkpoint_format": checkpoint_format, "format": checkpoint_format,
             "meta": {"quantizer": ["compress-llm:0.1.0"],
                      "merged_lowrank_layers": sum(layer.merged for layer in layers.values())}}

@@ -63,7 +63,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from kernels.grid import SUPPORTED_BITS, QuantizedWeight, dequantize, find_params, make_quantized, resolve_group_size
+from compress.errors import CompressError
+from compress.quantize import LearnedConfig
+from kernels.grid import QuantizedWeight, dequantize, find_params, make_quantized, resolve_group_size
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the rectified sigmoid (not from the paper)
 IQR_FACTOR = 1.5  # CFP's lambda1 (one summary of the paper, LOW confidence)
@@ -73,35 +75,27 @@ TEMPERATURE_END = 0.02  # V / temperature at the last step (not from the paper)
 
 
 @dataclass(frozen=True)
-class CBQConfig:
-    """CBQ weight-only settings.
+class CBQ(LearnedConfig):
+    """CBQ weight-only settings on the grid of GridConfig.
 
     From the paper: the structure (windows of blocks, LoRA-Rounding, CFP, MSE + KL loss). window = 2,
-    overlap = 1 is the METHODS card's LOW-MED reading of the paper's default. Not from the paper: rank,
+    overlap = 1 is the METHODS card's LOW-MED reading of the paper's default. Not from the paper: rank (5),
     iterations, lr, batch_size, reg_weight (AdaRound's 0.01, here on the regulariser's mean over the window's
     weights), kl_weight (1.0, the loss as the card writes it). batch_size counts calibration samples per Adam step.
     """
 
-    bits: int
-    group_size: int
-    symmetric: bool = False
     rank: int = 5
-    iterations: int = 200
-    lr: float = 1e-3
-    batch_size: int = 4
     window: int = 2
     overlap: int = 1
     reg_weight: float = 0.01
     kl_weight: float = 1.0
-    seed: int = 0
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.rank < 1 or self.iterations < 0 or self.batch_size < 1 or self.window < 1:
-            raise ValueError("rank, batch_size and window must be >= 1 and iterations >= 0")
+        super().__post_init__()
+        if self.rank < 1 or self.window < 1:
+            raise CompressError(f"CBQ needs rank >= 1 and window >= 1, got rank {self.rank}, window {self.window}")
         if not 0 <= self.overlap < self.window:
-            raise ValueError(f"overlap must be in [0, window), got overlap {self.overlap} for window {self.window}")
+            raise CompressError(f"CBQ needs 0 <= overlap < window, got window {self.window}, overlap {self.overlap}")
 
 
 def windows(num_blocks: int, window: int, overlap: int) -> list[range]:
@@ -353,7 +347,7 @@ def window_loss(output: torch.Tensor, target: torch.Tensor, kl_weight: float) ->
 
 
 def learn_window_cbq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]], inputs: torch.Tensor,
-                     targets: torch.Tensor, block_kwargs: dict, config: CBQConfig) -> list[dict[str, LoRARounding]]:
+                     targets: torch.Tensor, block_kwargs: dict, config: CBQ) -> list[dict[str, LoRARounding]]:
     """Learn the window's step sizes and LoRA-Rounding; returns, per block, {full name: LoRARounding}.
 
     inputs: (N, T, h) the window's inputs in the compressed stream; targets: (N, T, h) the full-precision
@@ -389,7 +383,7 @@ def learn_window_cbq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]
 
 def quantize_window_cbq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]], inputs: torch.Tensor,
                         targets: torch.Tensor, block_kwargs: dict,
-                        config: CBQConfig) -> list[dict[str, QuantizedWeight]]:
+                        config: CBQ) -> list[dict[str, QuantizedWeight]]:
     """CBQ on one window of blocks: per block, {full name: QuantizedWeight} of the hardened rounding.
 
     blocks: the window's decoder blocks in order; linears: per block {full name: nn.Linear} to quantize;

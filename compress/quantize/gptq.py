@@ -33,11 +33,29 @@ from typing import Callable
 
 import torch
 
-from compress.linalg import cholesky_, cholesky_inverse_, nonfinite_count
 import kernels
-from kernels.grid import QuantizedWeight, find_params, make_quantized
+from compress.errors import CompressError
+from compress.linalg import cholesky_, cholesky_inverse_, nonfinite_count
+from compress.quantize import GridConfig, Quantization
+from kernels.grid import find_params, make_quantized
 
 MAX_DAMP = 1.0  # the largest damping tried, as a fraction of the mean Hessian diagonal
+
+
+@dataclass(frozen=True)
+class GPTQ(GridConfig):
+    """GPTQ on the grid of GridConfig. act_order: columns in order of decreasing Hessian diagonal;
+    static_groups: group scales fixed on the original weight; damp: fraction of the mean Hessian diagonal added to
+    it (raised automatically when a Cholesky factorisation fails, and reported)."""
+
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.damp <= 1:
+            raise CompressError(f"damp must be in [0, 1], got {self.damp}")
 
 
 @dataclass(frozen=True)
@@ -95,21 +113,25 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
         del work, diagonal
         if tried >= MAX_DAMP:
             raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {tried:g} x mean diagonal "
-                             f"({mean_diag:.3g}); the calibration statistics are broken (too few or non-finite tokens?)")
+                             f"({mean_diag:.3g}); the calibration statistics are broken "
+                             "(too few or non-finite tokens?)")
         tried = min(MAX_DAMP, tried * 10 if tried > 0 else 0.01)
 
 
 def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-             act_order: bool = False, static_groups: bool = False, damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+             act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+             block_size: int = 128) -> GPTQResult:
     """GPTQ of weight (out, in) against gram (in, in) = sum x x^T; `group_size` must divide `in`.
 
     Returns the unpacked result in the original column order; `quantize_gptq` packs it.
     """
     rows, cols = weight.shape
     if gram.shape != (cols, cols):
-        raise ValueError(f"GPTQ: gram has shape {tuple(gram.shape)}, expected ({cols}, {cols}) for weight {tuple(weight.shape)}")
+        raise ValueError(f"GPTQ: gram has shape {tuple(gram.shape)}, expected ({cols}, {cols}) "
+                         f"for weight {tuple(weight.shape)}")
     if group_size <= 0 or cols % group_size:
-        raise ValueError(f"GPTQ: group_size {group_size} does not divide in_features {cols} (use grid.resolve_group_size)")
+        raise ValueError(f"GPTQ: group_size {group_size} does not divide in_features {cols} "
+                         "(use grid.resolve_group_size)")
     if damp < 0 or block_size <= 0:
         raise ValueError(f"GPTQ: damp must be >= 0 and block_size > 0, got damp={damp}, block_size={block_size}")
     if nonfinite_count(gram):
@@ -139,7 +161,8 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     if not act_order:
         perm = torch.arange(cols, device=W.device)
 
-    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # dequantized (grid values: exact), processing order
+    # dequantized (grid values: exact), processing order
+    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)
     ints = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # processing order
     if static_groups:
         scales, zeros = static_scales, static_zeros
@@ -175,13 +198,14 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info)
 
 
-def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  block_size: int = 128) -> tuple[QuantizedWeight, GPTQInfo]:
-    """GPTQ of weight (out, in) against gram (in, in) = sum x x^T -> (QuantizedWeight, GPTQInfo).
+def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, config: GPTQ, block_size: int = 128) -> Quantization:
+    """GPTQ of weight (out, in) against gram (in, in) = sum x x^T on the grid of `config`.
 
-    `group_size` must divide `in` (callers resolve it with grid.resolve_group_size); group_size == in is
-    one group per row. `damp` is a fraction of the mean diagonal of the gram.
+    The config's group size must divide `in` (callers resolve it with grid.resolve_group_size); group_size == in
+    is one group per row. A failing GPTQ (broken statistics) raises ValueError.
     """
-    result = run_gptq(weight, gram, bits, group_size, symmetric, act_order, static_groups, damp, block_size)
-    return make_quantized(result.ints, result.scales, result.zeros, bits, symmetric, result.info.g_idx), result.info
+    result = run_gptq(weight.float(), gram, config.bits, config.group_size, config.symmetric, config.act_order,
+                      config.static_groups, config.damp, block_size)
+    quantized = make_quantized(result.ints, result.scales, result.zeros, config.bits, config.symmetric,
+                               result.info.g_idx)
+    return Quantization(quantized, result.info.damp, result.info.damp_raised)

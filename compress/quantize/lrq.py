@@ -34,31 +34,24 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kernels.grid import SUPPORTED_BITS, QuantizedWeight, find_params, make_quantized, resolve_group_size
+from compress.errors import CompressError
+from compress.quantize import LearnedConfig
+from kernels.grid import QuantizedWeight, find_params, make_quantized, resolve_group_size
 
 FP16_MIN, FP16_MAX = 2.0**-14, 65504.0  # the range of scales the grid stores (find_params clamps to the same floor)
 
 
 @dataclass(frozen=True)
-class LRQConfig:
-    """bits, group_size (0: one group per row; resolved per linear with grid.resolve_group_size), rank of L U
-    (clipped to min(out, in)), Adam iterations and learning rate, windows per mini-batch, grid symmetry, seed
-    (U's init and the batch order)."""
+class LRQ(LearnedConfig):
+    """LRQ on the grid of GridConfig, learned one block at a time: `rank` of L U (clipped to min(out, in); 16,
+    scaled down from the paper's 1024), Adam settings of LearnedConfig (the seed also draws U's init)."""
 
-    bits: int
-    group_size: int
     rank: int = 16
-    iterations: int = 200
-    lr: float = 1e-3
-    batch_size: int = 4
-    symmetric: bool = False
-    seed: int = 0
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.rank < 0 or self.iterations < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"need rank >= 0, iterations >= 0, batch_size >= 1 and lr > 0, got {self}")
+        super().__post_init__()
+        if self.rank < 0:
+            raise CompressError(f"LRQ rank must be >= 0, got {self.rank}")
 
 
 def weight_scaling(L: torch.Tensor, U: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -130,7 +123,7 @@ class LRQParams(nn.Module):
 
 
 def train_lrq_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: torch.Tensor, targets: torch.Tensor,
-                    block_kwargs: dict, config: LRQConfig) -> dict[str, LRQParams]:
+                    block_kwargs: dict, config: LRQ) -> dict[str, LRQParams]:
     """Learn the LRQ quantizers of the block's `linears` ({full name: linear}) on inputs and targets
     (N, T, hidden): Adam, cosine learning rate, mean squared block-output error. The block is not modified."""
     device = next(block.parameters()).device
@@ -167,7 +160,7 @@ def train_lrq_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: tor
 
 
 def quantize_block_lrq(block: nn.Module, linears: dict[str, nn.Linear], inputs: torch.Tensor, targets: torch.Tensor,
-                       block_kwargs: dict, config: LRQConfig) -> dict[str, QuantizedWeight]:
+                       block_kwargs: dict, config: LRQ) -> dict[str, QuantizedWeight]:
     """LRQ on one decoder block: {full name: QuantizedWeight} for `linears` ({full name: linear of `block`}).
 
     inputs: (N, T, hidden) the compressed stream's inputs to the block; targets: (N, T, hidden) the
@@ -176,6 +169,13 @@ def quantize_block_lrq(block: nn.Module, linears: dict[str, nn.Linear], inputs: 
     """
     quantizers = train_lrq_block(block, linears, inputs, targets, block_kwargs, config)
     return {name: q.fold(linears[name].weight.detach().float()) for name, q in quantizers.items()}
+
+
+def quantize_window_lrq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]], inputs: torch.Tensor,
+                        targets: torch.Tensor, block_kwargs: dict, config: LRQ) -> list[dict[str, QuantizedWeight]]:
+    """LRQ through the learned quantizers' interface: its window is one block (see quantize_block_lrq)."""
+    (block,), (named,) = blocks, linears
+    return [quantize_block_lrq(block, named, inputs, targets, block_kwargs, config)]
 
 
 def _local_weight_names(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, str]:
