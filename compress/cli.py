@@ -4,7 +4,7 @@
     compress eval DIR [--ppl demo] [--tasks python_next_line --limit 200] [--json FILE]
     compress export DIR --format gptq|dense|native|onnx --out OUT [--merge-lowrank]
     compress report DIR1 DIR2 ... --out REPORT_DIR
-    compress compensate --model QUANTIZED_DIR --original MODEL --rank 64 [--method eora|lorc] --out OUT
+    compress compensate --model QUANTIZED_DIR [--original MODEL] --rank 64 [--method eora|lorc] --out OUT
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ CALIBRATION_FLAGS = {"calib": "source", "nsamples": "nsamples", "seqlen": "seqle
 
 def compress_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress a causal LM: W ~= base + up @ down.",
-                                     epilog="Other commands: compress eval DIR --ppl SRC --tasks T; compress compensate --model DIR "
-                                            "--original MODEL --out OUT; compress export DIR --format F --out OUT; "
-                                            "compress report DIR... --out OUT")
+                                     epilog="Other commands: compress eval DIR --ppl SRC --tasks T; "
+                                            "compress compensate --model DIR [--original MODEL] --out OUT; "
+                                            "compress export DIR --format F --out OUT; compress report DIR... --out OUT")
     parser.add_argument("--model", required=True, help="alias (demo, llama-3-8b, ...), hub id, or local directory")
     parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
