@@ -8,8 +8,8 @@ from compress.factorize.saes_svd import SAES
 from compress.factorize.svd import SVD
 from compress.factorize.svd_llm import SVDLLM
 from compress.layer import CompressedLinear
+from compress.formats.native import load_compressed, save_compressed
 from compress.methods import METHODS
-from compress.native import load_compressed, save_compressed
 from compress.pipeline import Compressed, compress_model
 from compress.quantize.cbq import CBQ
 from compress.quantize.gptq import GPTQ

@@ -4,7 +4,7 @@
     compress eval DIR [--ppl demo] [--tasks python_next_line --limit 200] [--json FILE]
     compress export DIR --format gptq|dense|native|onnx --out OUT [--merge-lowrank]
     compress report DIR1 DIR2 ... --out REPORT_DIR
-    compress compensate --model QUANTIZED_DIR --original MODEL --rank 64 [--method eora|lorc] --out OUT
+    compress compensate --model QUANTIZED_DIR [--original MODEL] --rank 64 [--method eora|lorc] --out OUT
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-
-import torch
 
 from compress.compensate import CompensateConfig
 from compress.errors import CompressError
@@ -37,9 +35,9 @@ CALIBRATION_FLAGS = {"calib": "source", "nsamples": "nsamples", "seqlen": "seqle
 
 def compress_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress a causal LM: W ~= base + up @ down.",
-                                     epilog="Other commands: compress eval DIR --ppl SRC --tasks T; compress compensate --model DIR "
-                                            "--original MODEL --out OUT; compress export DIR --format F --out OUT; "
-                                            "compress report DIR... --out OUT")
+                                     epilog="Other commands: compress eval DIR --ppl SRC --tasks T; "
+                                            "compress compensate --model DIR [--original MODEL] --out OUT; "
+                                            "compress export DIR --format F --out OUT; compress report DIR... --out OUT")
     parser.add_argument("--model", required=True, help="alias (demo, llama-3-8b, ...), hub id, or local directory")
     parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -124,7 +122,7 @@ def default_out(model: str, recipe: Recipe) -> Path:
 
 def run_compress(argv: list[str]) -> int:
     from compress.models import load_model, resolve_model
-    from compress.native import check_out, load_compressed, save_compressed
+    from compress.formats.native import check_out, load_compressed, save_compressed
     from compress.pipeline import compress_model, compress_to_directory
     from compress.streaming import has_shards, work_directory
     from evaluations.perplexity import text_perplexity
@@ -183,14 +181,14 @@ def summary(report: dict) -> str:
 
 
 def run_eval(argv: list[str]) -> int:
-    from compress.models import load_model
-    from compress.native import CONFIG, load_compressed
+    from compress.formats import load_any
     from evaluations.harness import run_tasks
     from evaluations.harness import summary as tasks_summary
     from evaluations.perplexity import text_perplexity
 
     parser = argparse.ArgumentParser(prog="compress eval", description="Evaluate a compressed or plain model.")
-    parser.add_argument("model", help="compressed output directory, HF model directory, alias or hub id")
+    parser.add_argument("model", help="this tool's output, a GPTQ or compressed-tensors pack-quantized checkpoint "
+                                      "(each with its adapter/ when there is one), HF model directory, alias or hub id")
     parser.add_argument("--ppl", metavar="SRC", help="perplexity on demo, a text file or folder, or a datasets name")
     parser.add_argument("--seqlen", type=int, help="window length (default min(2048, model max positions))")
     parser.add_argument("--tasks", help="lm-eval tasks, comma-separated: hub tasks (online) or local ones "
@@ -204,12 +202,7 @@ def run_eval(argv: list[str]) -> int:
         raise CompressError("nothing to evaluate: give --ppl SRC and/or --tasks t1,t2")
     if args.limit is not None and args.limit < 1:
         raise CompressError(f"--limit must be >= 1, got {args.limit}")
-    if (Path(args.model) / CONFIG).is_file():
-        from transformers import AutoTokenizer
-
-        model, tokenizer = load_compressed(args.model), AutoTokenizer.from_pretrained(args.model)
-    else:
-        model, tokenizer, _ = load_model(args.model)
+    model, tokenizer = load_any(args.model)
     result: dict = {"model": args.model}
     if args.ppl:
         result.update(text_perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen))
@@ -228,19 +221,19 @@ def run_eval(argv: list[str]) -> int:
 def run_compensate(argv: list[str]) -> int:
     import shutil
 
-    from compress.adapter import save_lora_adapter
-    from compress.checkpoints import read_quantized_weights
-    from compress.layer import CompressedLinear
+    from compress.formats import dequantized_weights, detect_format, recorded_original
+    from compress.formats.lora import ADAPTER, layer_factors, save_lora_adapter
+    from compress.formats.native import atomic_directory, check_out
     from compress.models import load_model
-    from compress.native import CONFIG, atomic_directory, check_out, load_compressed
     from compress.pipeline import compress_model
-    from kernels.reference import materialize
 
-    parser = argparse.ArgumentParser(prog="compress compensate",
-                                     description="Add a low-rank compensation of the quantization error to a quantized model.")
+    parser = argparse.ArgumentParser(prog="compress compensate", description="Add a low-rank compensation of the "
+                                                                             "quantization error to a quantized model.")
     parser.add_argument("--model", required=True, type=Path,
-                        help="quantized model directory: GPTQ, compressed-tensors pack-quantized, or this tool's output")
-    parser.add_argument("--original", required=True, help="the full-precision model it was quantized from (alias, hub id, dir)")
+                        help="quantized model directory: GPTQ, compressed-tensors pack-quantized, or this tool's "
+                             "output")
+    parser.add_argument("--original", help="the full-precision model it was quantized from (alias, hub id, dir); "
+                                           "default for this tool's outputs: the model they record")
     parser.add_argument("--rank", type=int, default=CompensateConfig.rank,
                         help=f"rank of the compensation (default {CompensateConfig.rank})")
     parser.add_argument("--method", choices=METHODS["compensate"], default=DEFAULT_METHODS["compensate"],
@@ -258,22 +251,26 @@ def run_compensate(argv: list[str]) -> int:
     check_out(args.out, args.overwrite)
     if not args.model.is_dir():
         raise CompressError(f"quantized model directory '{args.model}' does not exist")
-    if (args.model / CONFIG).is_file():
-        native = load_compressed(args.model)
-        bases = {name: m.weight_approx() for name, m in native.named_modules() if isinstance(m, CompressedLinear)}
-        source_format = "compress-native"
-    else:
-        bases, source_format = read_quantized_weights(args.model)
-    model, tokenizer, resolved = load_model(args.original)
+    source_format = detect_format(args.model)
+    original = args.original or recorded_original(args.model)
+    if original is None:
+        raise CompressError(f"{args.model} ({source_format}) does not record the full-precision model it was "
+                            "quantized from: pass --original MODEL")
+    try:
+        model, tokenizer, resolved = load_model(original)
+    except CompressError as exc:
+        if args.original:
+            raise
+        raise CompressError(f"{args.model} records its full-precision model as {original!r}, which does not load "
+                            f"({exc}): pass --original MODEL") from None
+    bases = dequantized_weights(args.model)
     result = compress_model(model, recipe, tokenizer=tokenizer, bases=bases)
-    factors = {}
-    for name in result.report["layers"]:
-        layer = model.get_submodule(name)
-        factors[name] = (materialize(layer.up.operand(), torch.float32), materialize(layer.down.operand(), torch.float32))
+    factors = {name: layer_factors(model.get_submodule(name)) for name in result.report["layers"]}
     with atomic_directory(args.out, args.overwrite) as tmp:
         shutil.copytree(args.model, tmp, dirs_exist_ok=True)
-        save_lora_adapter(factors, resolved, tmp / "adapter")
-        record = {"source_format": source_format, "original": resolved, "recipe": recipe.to_dict(), "report": result.report}
+        save_lora_adapter(factors, resolved, tmp / ADAPTER)
+        record = {"source_format": source_format, "original": resolved, "recipe": recipe.to_dict(),
+                  "report": result.report}
         (tmp / "compensation.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{source_format}: {len(factors)} layers compensated with {args.method} rank {args.rank}   "
           f"{result.report['seconds']:.1f} s")
@@ -282,9 +279,12 @@ def run_compensate(argv: list[str]) -> int:
 
 
 def run_export(argv: list[str]) -> int:
-    from compress.export import ADAPTER, DTYPES, FORMATS, ExportOptions, export
+    from compress.formats import FORMATS, ExportOptions, export
+    from compress.formats.dense import DTYPES
+    from compress.formats.lora import ADAPTER
 
-    parser = argparse.ArgumentParser(prog="compress export", description="Write a compressed output in a serving format.")
+    parser = argparse.ArgumentParser(prog="compress export",
+                                     description="Write a compressed output in a serving format.")
     parser.add_argument("model", type=Path, help="a compressed output directory (this tool's native format)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="gptq (+ LoRA adapter), dense, native or onnx")
     parser.add_argument("--out", required=True, type=Path)
@@ -292,10 +292,12 @@ def run_export(argv: list[str]) -> int:
     parser.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
                         help="gptq: v1 zero points (default, what vLLM reads); gptq_v2: true zero points")
     parser.add_argument("--merge-lowrank", action="store_true",
-                        help="gptq: merge layers without a quantized base (pure low-rank, dense) and requantize them (RTN)")
+                        help="gptq: merge layers without a quantized base (pure low-rank, dense) and requantize "
+                             "them (RTN)")
     parser.add_argument("--merge-bits", type=int, help="bits for --merge-lowrank (default: the recipe's, else 4)")
     parser.add_argument("--dtype", choices=DTYPES, help="dense: storage dtype (default: the checkpoint's own)")
-    parser.add_argument("--max-shard-size", default="5GB", help="dense and gptq: largest safetensors shard (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="dense and gptq: largest safetensors shard (default 5GB)")
     args = parser.parse_args(argv)
     options = ExportOptions(checkpoint_format=args.checkpoint_format, merge_lowrank=args.merge_lowrank,
                             merge_bits=args.merge_bits, dtype=args.dtype, max_shard_size=args.max_shard_size)

@@ -54,3 +54,35 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     # The config keeps the checkpoint's own dtype: outputs store the untouched tensors in it, not in `dtype`.
     model.config.dtype = stored_dtype or dtype
     return model.eval(), tokenizer, resolved
+
+
+def empty_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The causal LM that path/config.json describes, every weight on the meta device (buffers such as RoPE's are
+    real), for `fill_model`. A quantization_config is dropped: the model is filled with float weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def fill_model(model, state: dict[str, torch.Tensor], where: str):
+    """Assign `state` to an `empty_model`, in eval mode. A tensor whose shape or dtype differs from the model's, a
+    missing or an unexpected key is refused (CompressError naming `where`); a tied head is tied."""
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and expected[key].shape != tensor.shape:
+            raise CompressError(f"{where}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
+        if key in expected and expected[key].dtype != tensor.dtype:
+            raise CompressError(f"{where}: {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CompressError(f"{where}: the tensors do not match the model: missing {sorted(set(missing) - tied)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()

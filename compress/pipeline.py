@@ -158,7 +158,7 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     offload: keep the calibration activations on the CPU in half precision (else float32).
     extras(directory, compressed) may add files to the output before it is moved into place.
     """
-    from compress.native import check_out, save_streamed
+    from compress.formats.native import check_out, save_streamed
 
     out = Path(out)
     work = work_directory(out)

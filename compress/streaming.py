@@ -20,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compress import models
 from compress.errors import CompressError
-from compress.native import sha256
+from compress.formats.native import sha256
 
 INDEX = "model.safetensors.index.json"
 RUN = "run.json"
@@ -87,15 +88,12 @@ def has_shards(directory: str | Path) -> bool:
 
 
 def empty_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The checkpoint's model with every weight on the meta device (buffers such as RoPE's are real), in eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """compress.models.empty_model of the checkpoint, in eval mode, with the checkpoint's stored dtype (outputs keep
+    it, as compress.models.load_model does), its generation config and its name."""
+    from transformers import AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(directory)
-    stored_dtype = config.dtype
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config.dtype = stored_dtype or dtype  # as compress.models.load_model: outputs keep the checkpoint's dtype
+    model = models.empty_model(directory, dtype)
+    model.config.dtype = AutoConfig.from_pretrained(directory).dtype or dtype
     if (Path(directory) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.name_or_path = str(directory)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.native import atomic_directory
+from compress.formats.native import atomic_directory
 from evaluations.tables import table
 
 ORIGINAL_BITS = 16.0
@@ -96,7 +96,8 @@ def markdown(rows: list[dict]) -> str:
                 "perplexity": "–" if row["perplexity"] is None else f"{row['perplexity']:.3f}"}
         for task in tasks:
             metrics = row["tasks"].get(task, {})
-            cell[f"{task} acc"] = (f"{metrics['acc']:.3f} ± {metrics.get('acc_stderr', 0):.3f}" if "acc" in metrics else "–")
+            cell[f"{task} acc"] = (f"{metrics['acc']:.3f} ± {metrics.get('acc_stderr', 0):.3f}" if "acc" in metrics
+                                   else "–")
             cell[f"{task} acc_norm"] = f"{metrics['acc_norm']:.3f}" if "acc_norm" in metrics else "–"
         cells.append(cell)
     sources = sorted({row["ppl_source"] for row in rows if row["ppl_source"]})

@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.checkpoints import read_quantized_weights
+from compress.formats import load_any, read_quantized
+from compress.formats.native import load_compressed
+from compress.layer import CompressedLinear
 from compress.cli import main
 from test_formats import ct_checkpoint, gptq_checkpoint
 
@@ -13,7 +15,8 @@ BITS, GROUP = 4, 32
 
 
 def rtn_grid(weight: torch.Tensor, g_idx: torch.Tensor):
-    """Asymmetric min-max ints, zeros and fp16 scales per (group, row), written out here, independent of kernels.grid."""
+    """Asymmetric min-max ints, zeros and fp16 scales per (group, row), written out here, independent of
+    kernels.grid."""
     out_features, _ = weight.shape
     groups = int(g_idx.max()) + 1
     scales, zeros = torch.zeros(groups, out_features), torch.zeros(groups, out_features, dtype=torch.int64)
@@ -51,7 +54,8 @@ def write_checkpoint(tiny_model_dir, path, kind: str, act_order: bool):
         else:
             packed, zero_point = ct_checkpoint(q - 2 ** (BITS - 1), (zeros - 2 ** (BITS - 1)).T, BITS, dense=True)
             tensors.update({f"{name}.weight_packed": packed, f"{name}.weight_scale": scales.T.half().contiguous(),
-                            f"{name}.weight_zero_point": zero_point.contiguous(), f"{name}.weight_shape": torch.tensor(weight.shape)})
+                            f"{name}.weight_zero_point": zero_point.contiguous(),
+                            f"{name}.weight_shape": torch.tensor(weight.shape)})
             if act_order:
                 tensors[f"{name}.weight_g_idx"] = g_idx.int()
     if kind.startswith("gptq"):
@@ -75,7 +79,7 @@ def write_checkpoint(tiny_model_dir, path, kind: str, act_order: bool):
                                              ("pack-quantized", False), ("pack-quantized", True)])
 def test_dequantized_weights_come_back_exactly(tiny_model_dir, tmp_path, kind, act_order):
     expected = write_checkpoint(tiny_model_dir, tmp_path / "q", kind, act_order)
-    weights, _ = read_quantized_weights(tmp_path / "q")
+    weights = read_quantized(tmp_path / "q").weights
     assert weights.keys() == expected.keys() and len(weights) == 14
     for name in expected:
         assert torch.equal(weights[name], expected[name]), name
@@ -131,3 +135,53 @@ def test_the_adapter_loads_in_peft_and_reproduces_the_compensated_layers(tiny_mo
         with torch.no_grad():
             got = peft_model.base_model.model.get_submodule(name)(x)
         assert torch.allclose(got, x @ (w_hat + b @ a).T, atol=1e-4), (name, (got - x @ (w_hat + b @ a).T).abs().max())
+
+
+def one_line_error(capsys, argv, message, out):
+    capsys.readouterr()  # what earlier commands printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("compress: error:") and message in err, err
+    assert not out.exists()
+
+
+def test_compensate_of_a_native_output_takes_the_model_it_records(tiny_model_dir, tmp_path):
+    native = tmp_path / "native"
+    assert main(["--model", str(tiny_model_dir), "--wbits", "3", "--group-size", str(GROUP), "--nsamples", "2",
+                 "--seqlen", "16", "--no-eval-ppl", "--out", str(native)]) == 0
+    assert json.loads((native / "compression_config.json").read_text())["base_model"] == str(tiny_model_dir)
+    flags = ["--rank", "4", "--nsamples", "4", "--seqlen", "32"]
+    assert main(["compensate", "--model", str(native), "--out", str(tmp_path / "recorded"), *flags]) == 0
+    assert main(["compensate", "--model", str(native), "--original", str(tiny_model_dir),
+                 "--out", str(tmp_path / "given"), *flags]) == 0
+    recorded, given = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+                       for name in ("recorded", "given"))
+    assert recorded.keys() == given.keys() and len(recorded) == 2 * 14
+    assert all(torch.equal(recorded[key], given[key]) for key in recorded)
+    records = [json.loads((tmp_path / name / "compensation.json").read_text()) for name in ("recorded", "given")]
+    assert records[0]["original"] == records[1]["original"] == str(tiny_model_dir)
+    assert records[0]["source_format"] == "compress-native"
+    loaded, _ = load_any(tmp_path / "recorded")  # what compress eval runs: the native layers plus the adapter
+    for name, layer in load_compressed(native).named_modules():
+        if isinstance(layer, CompressedLinear):
+            a, b = (recorded[f"base_model.model.{name}.lora_{x}.weight"].float() for x in "AB")
+            assert torch.equal(loaded.get_submodule(name).weight, layer.weight_approx() + b @ a), name
+
+
+def test_compensate_of_a_foreign_checkpoint_needs_original(capsys, tiny_model_dir, tmp_path):
+    write_checkpoint(tiny_model_dir, tmp_path / "q", "gptq", act_order=False)
+    out = tmp_path / "out"
+    one_line_error(capsys, ["compensate", "--model", str(tmp_path / "q"), "--rank", "4", "--out", str(out)],
+                   "does not record the full-precision model it was quantized from: pass --original MODEL", out)
+
+
+def test_compensate_names_a_recorded_model_that_does_not_load(capsys, tiny_model_dir, tmp_path):
+    native = tmp_path / "native"
+    assert main(["--model", str(tiny_model_dir), "--wbits", "4", "--group-size", str(GROUP), "--nsamples", "2",
+                 "--seqlen", "16", "--no-eval-ppl", "--out", str(native)]) == 0
+    config = json.loads((native / "compression_config.json").read_text())
+    config["base_model"] = str(tmp_path / "moved-away")
+    (native / "compression_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    one_line_error(capsys, ["compensate", "--model", str(native), "--out", str(out)],
+                   f"records its full-precision model as '{tmp_path / 'moved-away'}'", out)

@@ -8,9 +8,11 @@ from safetensors.torch import load_file
 
 from compress.cli import main
 from compress.errors import CompressError
-from compress.export import ExportOptions, export, lora_rank, pad_factors, serving_warnings
+from compress.formats import ExportOptions, export
+from compress.formats.gptq import serving_warnings, write_gptq
 from compress.layer import CompressedLinear
-from compress.native import load_compressed
+from compress.formats.lora import lora_rank, pad_factors
+from compress.formats.native import load_compressed
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "--no-eval-ppl"]
 GROUP = 32  # the tiny model's widths are 32, 64 and 160
@@ -94,13 +96,12 @@ def test_gptq_config_is_read_by_transformers(compressed, tmp_path):
 
     export(compressed / "sym-eora", "gptq", tmp_path / "gptq")
     config = GPTQConfig.from_dict(AutoConfig.from_pretrained(tmp_path / "gptq").quantization_config)
-    assert (config.bits, config.group_size, config.sym, config.desc_act, config.format) == (4, GROUP, True, False, "gptq")
+    settings = (config.bits, config.group_size, config.sym, config.desc_act, config.format)
+    assert settings == (4, GROUP, True, False, "gptq")
 
 
 def test_layers_left_out_stay_fp16_and_are_marked_skipped(compressed, tmp_path):
     from torch import nn
-
-    from compress.export import write_gptq
 
     model, own = layers(compressed / "sym-eora")
     name = "model.layers.1.mlp.down_proj"
@@ -176,7 +177,10 @@ def test_native_copy_is_verified_and_loads(compressed, tmp_path):
     export(source, "native", tmp_path / "native")
     for file in source.iterdir():
         assert (tmp_path / "native" / file.name).read_bytes() == file.read_bytes(), file.name
-    assert load_compressed(tmp_path / "native") is not None
+    model, copy = load_compressed(source), load_compressed(tmp_path / "native")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids=ids).logits, model(input_ids=ids).logits)
     broken = tmp_path / "broken"
     export(source, "native", broken)
     tensor_file = broken / next(iter(json.loads((broken / "compression_config.json").read_text())["files"]))
@@ -197,7 +201,8 @@ def refused(capsys, argv, message, out):
 
 def test_pure_low_rank_is_refused_for_gptq_unless_merged(capsys, compressed, tmp_path, tiny_model_dir):
     out = tmp_path / "gptq"
-    refused(capsys, ["export", str(compressed / "lowrank"), "--format", "gptq", "--out", str(out)], "--merge-lowrank", out)
+    refused(capsys, ["export", str(compressed / "lowrank"), "--format", "gptq", "--out", str(out)], "--merge-lowrank",
+            out)
     assert main(["export", str(compressed / "lowrank"), "--format", "gptq", "--merge-lowrank", "--merge-bits", "8",
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err

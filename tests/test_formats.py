@@ -5,10 +5,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels.formats import (
-    GPTQ_BITS, decode_gptq_zeros, dequantize_compressed_tensors, dequantize_gptq, encode_gptq_zeros,
-    pack_compressed_tensors, pack_gptq_qweight, pack_gptq_qzeros, unpack_compressed_tensors, unpack_gptq_qweight,
-    unpack_gptq_qzeros,
+from compress.formats.compressed_tensors import (
+    dequantize_compressed_tensors, pack_compressed_tensors, unpack_compressed_tensors,
+)
+from compress.formats.gptq import (
+    GPTQ_BITS, decode_gptq_zeros, dequantize_gptq, encode_gptq_zeros, pack_gptq_qweight, pack_gptq_qzeros,
+    unpack_gptq_qweight, unpack_gptq_qzeros,
 )
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from calibration import block_linears, capture_block_inputs, find_blocks, load_text, record_grams, sample_windows
 from calibration import Statistics
 from compress import GPTQ, EoRA, LoRC, Recipe, compress_model
-from compress.checkpoints import gptq_tensors, read_quantized_weights
+from compress.formats import read_quantized
+from compress.formats.gptq import gptq_tensors
 from compress.cli import main
 from compress.models import DEMO_DIR, load_model
 from compress.pipeline import DEFAULT_CALIBRATION
@@ -85,7 +86,7 @@ def test_compensate_lowers_demo_perplexity_on_a_gptq_checkpoint(tmp_path):
     ids = torch.tensor(tokenizer((DEMO_DIR / "heldout.txt").read_text()[:60000], verbose=False)["input_ids"])
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     quantized = load_model("demo")[0]
-    weights, _ = read_quantized_weights(checkpoint)
+    weights = read_quantized(checkpoint).weights
     with torch.no_grad():
         for name, w_hat in weights.items():
             quantized.get_submodule(name).weight.copy_(w_hat)

@@ -14,7 +14,7 @@ from compress import GPTQ, METHODS, RTN, SVDLLM, LoRAP
 from compress.architectures import LLAMA
 from compress.cli import main
 from compress.errors import CompressError
-from compress.native import load_compressed, save_compressed
+from compress.formats.native import load_compressed, save_compressed
 from compress.pipeline import compress_model, compress_to_directory
 from compress.recipe import Calibration, Recipe
 from conftest import tiny_llama

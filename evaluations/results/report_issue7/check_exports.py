@@ -3,8 +3,8 @@
 import torch, onnxruntime
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from compress.checkpoints import read_quantized_weights
-from compress.native import load_compressed
+from compress.formats import read_quantized
+from compress.formats.native import load_compressed
 
 W = "/tmp/issue7"
 compressed = load_compressed(f"{W}/w4-gptq-sym-eora16")
@@ -18,7 +18,8 @@ dense = AutoModelForCausalLM.from_pretrained(f"{W}/export-dense", dtype=torch.fl
 with torch.no_grad():
     print(f"dense (transformers, fp16 weights): relative max logit error {rel(dense(input_ids=ids).logits):.2e}")
 
-weights, fmt = read_quantized_weights(f"{W}/export-gptq")
+checkpoint = read_quantized(f"{W}/export-gptq")
+weights, fmt = checkpoint.weights, checkpoint.format
 base = AutoModelForCausalLM.from_pretrained("compress/demo", dtype=torch.float32).eval()
 with torch.no_grad():
     for name, w in weights.items():
@@ -32,4 +33,5 @@ got = torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
 print(f"onnx (onnxruntime, [1, 128] input): relative max logit error {rel(got):.2e}")
 native = load_compressed(f"{W}/export-native")
 with torch.no_grad():
-    print(f"native copy (load_compressed, checksums verified): logits equal: {torch.equal(native(input_ids=ids).logits, ref)}")
+    equal = torch.equal(native(input_ids=ids).logits, ref)
+    print(f"native copy (load_compressed, checksums verified): logits equal: {equal}")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from compress.errors import CompressError
 from compress.layer import CompressedLinear
+from compress.models import empty_model, fill_model
 
 FORMAT = "compress-native"
 FORMAT_VERSION = 1
@@ -38,7 +39,8 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise CompressError(f"{out} already exists (pass --overwrite to replace it)")
 
 
-def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras: Callable[[Path], None] | None = None) -> Path:
+def save_compressed(compressed, out: str | Path, overwrite: bool = False,
+                    extras: Callable[[Path], None] | None = None) -> Path:
     """Write a `pipeline.Compressed` to `out` atomically; returns the path.
 
     extras(directory) may add files (plots, ...) to the output before it is moved into place.
@@ -48,7 +50,7 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
     model = compressed.model
     storage_dtype = getattr(model.config, "dtype", None) or torch.float16
     storage_dtype = getattr(torch, storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
-    layers = {name: module.spec() for name, module in model.named_modules() if isinstance(module, CompressedLinear)}
+    layers = [name for name, module in model.named_modules() if isinstance(module, CompressedLinear)]
     compressed_keys = tuple(f"{name}." for name in layers)
     state = {}
     for key, tensor in model.state_dict().items():
@@ -56,8 +58,9 @@ def save_compressed(compressed, out: str | Path, overwrite: bool = False, extras
         state[key] = (tensor if keep else tensor.to(storage_dtype)).detach().contiguous().clone()
 
     with atomic_directory(out, overwrite) as tmp:
-        save_file(state, tmp / TENSORS, metadata={"format": "pt"})  # one key: safetensors writes a map in no fixed order
-        write_metadata(compressed, tmp, {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": sha256(tmp / TENSORS)}})
+        save_file(state, tmp / TENSORS, metadata={"format": "pt"})  # one key: safetensors writes maps in no fixed order
+        write_metadata(compressed, tmp, {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size,
+                                                   "sha256": sha256(tmp / TENSORS)}})
         if extras is not None:
             extras(tmp)
     return out
@@ -126,6 +129,12 @@ def atomic_directory(out: Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_native(path: Path) -> bool:
+    """Whether `path` holds this format (its compression_config.json; whether it is valid is read_compression_config's
+    to say)."""
+    return (path / CONFIG).is_file()
+
+
 def read_compression_config(path: str | Path) -> dict:
     """compression_config.json of a native directory, with its format and version checked."""
     path = Path(path)
@@ -154,43 +163,52 @@ def verify_files(path: Path, files: dict) -> None:
         if not file.is_file():
             raise CompressError(f"{file} is missing")
         if file.stat().st_size != meta.get("bytes"):
-            raise CompressError(f"{file} is truncated or altered: {file.stat().st_size} bytes, expected {meta.get('bytes')}")
+            raise CompressError(f"{file} is truncated or altered: {file.stat().st_size} bytes, "
+                                f"expected {meta.get('bytes')}")
         if sha256(file) != meta.get("sha256"):
             raise CompressError(f"{file} is corrupt: its sha256 does not match {CONFIG}")
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A transformers model with CompressedLinear layers from a native directory, in eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     config = read_compression_config(path)
     verify_files(path, config["files"])
     try:
-        hf_config = AutoConfig.from_pretrained(path)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = empty_model(path, dtype)
         for name, spec in config["layers"].items():
-            model.set_submodule(name, CompressedLinear.from_spec(spec))
+            model.set_submodule(name, empty_layer(spec, f"{path / CONFIG}: the entry for {name}"))
         state = {}
         for name in config["files"]:
             state.update(load_file(path / name))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CompressError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     compressed_keys = tuple(f"{name}." for name in config["layers"])
-    state = {key: t if key.startswith(compressed_keys) or not t.is_floating_point() else t.to(dtype) for key, t in state.items()}
-    expected = model.state_dict()
-    for key, tensor in state.items():
-        if key in expected and expected[key].shape != tensor.shape:
-            raise CompressError(f"{path}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
-        if key in expected and expected[key].dtype != tensor.dtype:
-            raise CompressError(f"{path}: {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise CompressError(f"the tensors in {path} do not match {CONFIG}: missing {sorted(set(missing) - tied)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}")
-    if tied:
-        model.tie_weights()
-    return model.to(device).eval()
+    state = {key: t if key.startswith(compressed_keys) or not t.is_floating_point() else t.to(dtype)
+             for key, t in state.items()}
+    return fill_model(model, state, str(path)).to(device)
+
+
+def empty_layer(spec: dict, where: str) -> CompressedLinear:
+    """The empty layer a compression_config entry describes; refused when the entry is not exactly what the layer
+    writes back (unknown or missing keys) or its features and its parts' shapes disagree."""
+    layer = CompressedLinear.from_spec(spec)
+    base, up, down = layer.base, layer.up, layer.down
+    shapes = [base.shape] if base is not None else []
+    if up is not None:
+        shapes.append((up.shape[0], down.shape[1]))
+        if up.shape[1] != down.shape[0]:
+            raise CompressError(f"{where} has up {list(up.shape)} and down {list(down.shape)} of different ranks")
+    if any(shape != (layer.out_features, layer.in_features) for shape in shapes):
+        raise CompressError(f"{where} is ({layer.out_features}, {layer.in_features}), its parts {shapes}")
+    if layer.spec() != spec:
+        raise CompressError(f"{where} is not a layer this format writes: {json.dumps(spec)[:200]}")
+    return layer
+
+
+def copy_native(source: Path, directory: Path) -> dict:
+    """Copy every file, then verify the copy's tensor files against the sizes and sha256 of compression_config."""
+    shutil.copytree(source, directory, dirs_exist_ok=True)
+    config = read_compression_config(directory)
+    verify_files(directory, config["files"])
+    return {"files_verified": sorted(config["files"]), "layers": len(config["layers"])}
