@@ -37,7 +37,8 @@ def compress_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress a causal LM: W ~= base + up @ down.",
                                      epilog="Other commands: compress eval DIR --ppl SRC --tasks T; "
                                             "compress compensate --model DIR [--original MODEL] --out OUT; "
-                                            "compress export DIR --format F --out OUT; compress report DIR... --out OUT")
+                                            "compress export DIR --format F --out OUT; "
+                                            "compress report DIR... --out OUT")
     parser.add_argument("--model", required=True, help="alias (demo, llama-3-8b, ...), hub id, or local directory")
     parser.add_argument("--out", type=Path, help="output directory (default: <model>-compressed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -48,22 +49,31 @@ def compress_parser() -> argparse.ArgumentParser:
                             f"{FactorizeConfig.rank_budget})")
     group.add_argument("--factorize", choices=METHODS["factorize"],
                        help=f"factorization (default {DEFAULT_METHODS['factorize']})")
-    group.add_argument("--allocate", help="rank allocation over layers: uniform (default) or welore; lorap's is its own")
+    group.add_argument("--allocate",
+                       help="rank allocation over layers: uniform (default) or welore; lorap's is its own")
     group.add_argument("--wbits", type=int, help=f"quantize weights (or factors) to 2, 3, 4 or 8 bits "
                                                  f"(default {GridConfig.bits})")
-    group.add_argument("--quantize", choices=METHODS["quantize"], help=f"quantizer (default {DEFAULT_METHODS['quantize']})")
+    group.add_argument("--quantize", choices=METHODS["quantize"],
+                       help=f"quantizer (default {DEFAULT_METHODS['quantize']})")
     group.add_argument("--group-size", type=int,
                        help=f"columns per quantization group (default {GridConfig.group_size}; 0: whole row)")
     group.add_argument("--sym", action="store_true", default=None, help="symmetric grid (default asymmetric)")
-    group.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing Hessian diagonal")
-    group.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weight")
-    group.add_argument("--damp", type=float, help=f"GPTQ: damping, fraction of the mean Hessian diagonal (default {GPTQ.damp})")
+    group.add_argument("--act-order", action="store_true", default=None,
+                       help="GPTQ: columns by decreasing Hessian diagonal")
+    group.add_argument("--static-groups", action="store_true", default=None,
+                       help="GPTQ: group scales from the original weight")
+    group.add_argument("--damp", type=float,
+                       help=f"GPTQ: damping, fraction of the mean Hessian diagonal (default {GPTQ.damp})")
     group.add_argument("--iterations", type=int,
-                       help=f"learned quantizers (lrq, cbq): optimisation steps per window (default {LearnedConfig.iterations})")
+                       help=f"learned quantizers (lrq, cbq): optimisation steps per window "
+                            f"(default {LearnedConfig.iterations})")
     group.add_argument("--compensate", choices=METHODS["compensate"],
-                       help=f"add a low-rank compensation of the quantization error (default {DEFAULT_METHODS['compensate']})")
-    group.add_argument("--compensate-rank", type=int, help=f"rank of the compensation (default {CompensateConfig.rank})")
-    group.add_argument("--compensate-bits", type=int, help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
+                       help=f"add a low-rank compensation of the quantization error "
+                            f"(default {DEFAULT_METHODS['compensate']})")
+    group.add_argument("--compensate-rank", type=int,
+                       help=f"rank of the compensation (default {CompensateConfig.rank})")
+    group.add_argument("--compensate-bits", type=int,
+                       help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
     group.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                        help="capture every linear's statistics from the uncompressed block (default: group by group in "
                             "data-flow order, each with the earlier groups of the block compressed)")
@@ -88,8 +98,8 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     given = [flag for flag in [*flags, *STAGE_FLAGS, "true_sequential"] if getattr(args, flag) is not None]
     if args.recipe:
         if given:
-            flag = given[0].replace("_", "-")
-            raise CompressError(f"--recipe runs a saved recipe; drop --{'no-true-sequential' if flag == 'true-sequential' else flag}")
+            flag = "no-true-sequential" if given[0] == "true_sequential" else given[0].replace("_", "-")
+            raise CompressError(f"--recipe runs a saved recipe; drop --{flag}")
         return Recipe.load(args.recipe)
     stages = {stage: stage_config(stage, args) for stage in STAGE_FLAGS}
     calibration = Calibration(**{field: getattr(args, flag) for flag, field in CALIBRATION_FLAGS.items()
@@ -318,7 +328,8 @@ def run_report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="compress report", description="Compare compressed outputs side by side.",
                                      epilog="Each DIR's report.json is read, and DIR/eval.json when present (write it "
                                             "with compress eval DIR --tasks ... --json DIR/eval.json); a JSON file "
-                                            "argument is a `compress eval --json` result of a plain model (the original).")
+                                            "argument is a `compress eval --json` result of a plain model "
+                                            "(the original).")
     parser.add_argument("outputs", nargs="+", type=Path, help="compressed output directories and/or eval JSON files")
     parser.add_argument("--out", required=True, type=Path, help="directory for report.md, report.json and pareto.png")
     parser.add_argument("--overwrite", action="store_true")

@@ -5,7 +5,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")  # before transformers imports triton
+# before transformers imports triton
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from compress.models import DEMO_DIR
@@ -17,7 +18,8 @@ def tiny_llama(seed: int = 0, vocab_size: int = 4096) -> LlamaForCausalLM:
     """A 2-block Llama with grouped-query attention and random weights, for plumbing tests."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
 
 

@@ -81,7 +81,8 @@ def test_welore_uses_one_global_threshold():
 
 
 def test_welore_accepts_unsorted_spectra():
-    shuffled = {name: s[torch.randperm(len(s), generator=torch.Generator().manual_seed(0))] for name, s in SPECTRA.items()}
+    generator = torch.Generator().manual_seed(0)
+    shuffled = {name: s[torch.randperm(len(s), generator=generator)] for name, s in SPECTRA.items()}
     assert welore_ranks(shuffled, SHAPES, 0.5) == welore_ranks(SPECTRA, SHAPES, 0.5)
 
 
@@ -119,7 +120,8 @@ def test_lorap_matches_the_authors_floor_convention(d):
         k_max, k_min = math.floor(k_att * 6 / 4), math.floor(k_att * 2 / 4)
         ranks = lorap_attention_ranks(square(d), p)
         if k_max >= d / 2:
-            expected = {"q_proj": math.floor(p * d) - d // 2, "k_proj": math.floor(p * d) - d // 2, "v_proj": None, "o_proj": None}
+            qk = math.floor(p * d) - d // 2
+            expected = {"q_proj": qk, "k_proj": qk, "v_proj": None, "o_proj": None}
         else:
             expected = {"q_proj": k_min, "k_proj": k_min, "v_proj": k_max, "o_proj": k_max}
         assert ranks == expected, (d, p)

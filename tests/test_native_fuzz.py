@@ -25,8 +25,8 @@ JSON_VALUES = st.recursive(
 def saved(tiny_model_dir, tmp_path_factory):
     """A streamed output: one tensor file per block and one for the rest, each with its checksum."""
     out = tmp_path_factory.mktemp("fuzz") / "out"
-    compress_to_directory(str(tiny_model_dir), Recipe(quantize=RTN(bits=4, group_size=32),
-                                                      calibration=Calibration(nsamples=2, seqlen=16)), out, progress=False)
+    recipe = Recipe(quantize=RTN(bits=4, group_size=32), calibration=Calibration(nsamples=2, seqlen=16))
+    compress_to_directory(str(tiny_model_dir), recipe, out, progress=False)
     return out
 
 
