@@ -16,6 +16,8 @@ from compress.pipeline import DEFAULT_CALIBRATION
 from compress.recipe import Calibration
 from evaluations.perplexity import perplexity, text_perplexity
 
+pytestmark = pytest.mark.slow  # trained-model runs: minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def demo():

@@ -5,7 +5,7 @@ import torch
 from compress.linalg import cholesky_, cholesky_inverse_, eigh_, symmetrize_, top_left_singular
 from compress.quantize.gptq import inverse_hessian_factor
 from kernels.grid import pack, pack_bitstream
-from tests.test_factorize import correlated_inputs
+from tests.factorize.test_svd_llm import correlated_inputs
 
 
 def gram(n: int = 40, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from compress.errors import CompressError
 from compress.formats.native import load_compressed, save_compressed
 from compress.pipeline import compress_model, compress_to_directory
 from compress.recipe import Calibration, Recipe
-from conftest import tiny_llama
+from tests.conftest import tiny_llama
 
 FAST = ["--nsamples", "8", "--seqlen", "32", "--no-eval-ppl", "--group-size", "32"]
 CALIBRATION = Calibration(nsamples=8, seqlen=32)

@@ -19,6 +19,8 @@ from compress.stages import compensation
 from compress.recipe import Calibration
 from evaluations.perplexity import perplexity
 
+pytestmark = pytest.mark.slow  # trained-model runs: minutes on 2 cores
+
 
 def weighted_error(weight, approx, gram):
     error = (weight - approx).double()

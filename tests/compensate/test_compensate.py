@@ -9,7 +9,7 @@ from compress.formats import load_any, read_quantized
 from compress.formats.native import load_compressed
 from compress.layer import CompressedLinear
 from compress.cli import main
-from test_formats import ct_checkpoint, gptq_checkpoint
+from tests.formats.test_packing import ct_checkpoint, gptq_checkpoint
 
 BITS, GROUP = 4, 32
 

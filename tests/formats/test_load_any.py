@@ -15,8 +15,8 @@ from compress.formats.lora import read_lora_adapter
 from compress.formats.native import load_compressed
 from compress.layer import CompressedLinear
 from compress.models import DEMO_DIR
-from conftest import tiny_llama
-from test_compensate import write_checkpoint
+from tests.conftest import tiny_llama
+from tests.compensate.test_compensate import write_checkpoint
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "--no-eval-ppl"]
 COMPENSATE_FAST = ["--rank", "8", "--nsamples", "4", "--seqlen", "32"]

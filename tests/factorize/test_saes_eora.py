@@ -7,7 +7,7 @@ from compress.factorize.eora import eigenspace_lowrank, factorize_eora
 from compress.factorize.saes_svd import aces_beta, factorize_saes, saes_lowrank
 from compress.factorize.svd_llm import factorize_svd_llm
 from compress.linalg import eigen_root
-from tests.test_factorize import correlated_inputs
+from tests.factorize.test_svd_llm import correlated_inputs
 
 EPS32 = torch.finfo(torch.float32).eps
 
