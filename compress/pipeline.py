@@ -104,6 +104,8 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 if cross:
                     originals.setdefault(local, linear)
                 block.set_submodule(local, layer)
+        if fp_next is None:  # nothing targeted in this block: both streams run through it as it is
+            fp_next = run_block(block, fp_hidden, block_kwargs)
         hidden, fp_hidden = run_block(block, hidden, block_kwargs), fp_next
         check_finite(hidden, f"the outputs of block {index} on the calibration windows")
         record = {"layers": {name: r.to_dict() for name, r in layers.items()},

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,6 +117,28 @@ def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_
                     "--out", str(tmp_path / "x")], "drop --no-true-sequential")
 
 
+def factor_bits(model_dir, budget: float, bits: int, group_size: int) -> float:
+    """Bits per weight of asymmetric `bits`-bit factors up (out, r) and down (r, in) of every decoder-block linear at
+    the uniform ranks for `budget`, counted from the config's sizes and the format: int32 qweight
+    (rows, ceil(cols/32)*bits), fp16 scales (rows, groups), int32 qzeros (groups, ceil(rows/32)*bits)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (inter, hidden), (inter, hidden), (hidden, inter)]
+
+    def packed(rows, cols):
+        g = cols if group_size >= cols else max(d for d in range(1, group_size + 1) if cols % d == 0)
+        return 32 * rows * math.ceil(cols / 32) * bits + 16 * rows * (cols // g) + \
+            32 * (cols // g) * math.ceil(rows / 32) * bits
+
+    stored = 0
+    for out, inp in shapes:
+        rank = max(1, math.floor(budget * out * inp / (out + inp)))
+        stored += packed(out, rank) + packed(rank, inp)
+    return stored / sum(out * inp for out, inp in shapes)  # every block alike: the ratio of one block
+
+
 def test_console_script_end_to_end(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     text = tmp_path / "eval.txt"
@@ -128,7 +151,8 @@ def test_console_script_end_to_end(tmp_path, tiny_model_dir):
     assert f"wrote {out.resolve()}" in run.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["perplexity"]) >= {"original", "compressed"}
-    assert 2 < report["bits_per_weight"] < 3.5
+    # svd-llm factors at the uniform ranks for budget 0.5, both quantized by RTN to 4 bits in groups of 32
+    assert report["bits_per_weight"] == factor_bits(tiny_model_dir, 0.5, 4, 32)
     assert (out / "ranks.png").stat().st_size > 0
     result = tmp_path / "ppl.json"
     run = subprocess.run([sys.executable, "-m", "compress.cli", "eval", str(out), "--ppl", str(text), "--seqlen", "32",
