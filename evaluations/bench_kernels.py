@@ -105,7 +105,8 @@ def int4_torch(x: torch.Tensor, out_features: int, g: torch.Generator) -> Callab
             call = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP_SIZE, scales_and_zeros)  # noqa: E731
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 8)
-            call = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)  # noqa: E731
+            call = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                x, packed, GROUP_SIZE, scales_and_zeros)
         call()
         return call
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
@@ -162,8 +163,8 @@ def format_layer_row(row: dict) -> str:
 def tokens_per_second(model, device: torch.device, new_tokens: int, prompt: int = 16) -> float:
     """Greedy generation at batch 1: new tokens per second after a warm-up generation."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
-    generate = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,  # noqa: E731
-                                      pad_token_id=0)
+    generate = lambda: model.generate(  # noqa: E731
+        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     generate()
     if device.type == "cuda":
         torch.cuda.synchronize()

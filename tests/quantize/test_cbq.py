@@ -45,6 +45,11 @@ def window(one_thread) -> Window:
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
     blocks = list(model.model.layers)
+    return make_window(model, blocks, ids)
+
+
+def make_window(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor) -> Window:
+    """The window of `blocks`: their compressed-stream inputs on `ids`, the outputs of the last block as targets."""
     inputs, kwargs = capture_block_inputs(model, blocks[0], ids)
     targets = inputs
     for block in blocks:
@@ -130,13 +135,7 @@ def demo_window(one_thread) -> Window:
     text = (DEMO_DIR / "calibration.txt").read_text()
     ids = sample_windows(tokenizer, text, nsamples=4, seqlen=64, seed=0)
     blocks = list(model.model.layers[:2])
-    inputs, kwargs = capture_block_inputs(model, blocks[0], ids)
-    targets = inputs
-    for block in blocks:
-        targets = run_block(block, targets, kwargs)
-    linears = [{f"model.layers.{i}.{name}": layer for name, layer in block_linears(block).items()}
-               for i, block in enumerate(blocks)]
-    return Window(model, blocks, linears, inputs, targets, kwargs)
+    return make_window(model, blocks, ids)
 
 
 def cbq_and_rtn_errors(window: Window, config: CBQ):
