@@ -1,4 +1,6 @@
 """Architectures as data: the main job on tiny models of each supported family, and a clear error for others."""
+import dataclasses
+
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
@@ -59,7 +61,7 @@ def test_true_sequential_groups_follow_the_data_flow(family):
     results = {}
     for true_sequential in (False, True):
         copy = tiny(family, 256)
-        result = compress_model(copy, Recipe(**{**recipe.__dict__, "true_sequential": true_sequential}), calib=ids,
+        result = compress_model(copy, dataclasses.replace(recipe, true_sequential=true_sequential), calib=ids,
                                 progress=False)
         results[true_sequential] = result.report["layers"][f"{arch.blocks}.0.{o_proj}"]["relative_error"]
         if true_sequential:
