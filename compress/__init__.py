@@ -12,11 +12,11 @@ from compress.formats.native import load_compressed, save_compressed
 from compress.methods import METHODS
 from compress.pipeline import Compressed, compress_model
 from compress.quantize.cbq import CBQ
-from compress.quantize.gptq import GPTQ
+from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.lrq import LRQ
 from compress.quantize.rtn import RTN
 from compress.recipe import Calibration, Recipe
 
-__all__ = ["CBQ", "GPTQ", "LRQ", "METHODS", "RTN", "SAES", "SVD", "SVDLLM", "Calibration", "Compressed",
+__all__ = ["CBQ", "GPTAQ", "GPTQ", "LRQ", "METHODS", "RTN", "SAES", "SVD", "SVDLLM", "Calibration", "Compressed",
            "CompressError", "CompressedLinear", "EoRA", "EoRAFactorize", "LoRAP", "LoRC", "Recipe", "compress_model",
            "load_compressed", "save_compressed"]

@@ -19,15 +19,17 @@ from compress.errors import CompressError
 from compress.factorize import FactorizeConfig
 from compress.methods import DEFAULT_METHODS, METHODS, config_type
 from compress.quantize import GridConfig, LearnedConfig
-from compress.quantize.gptq import GPTQ
+from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.recipe import Calibration, Recipe
+from kernels.grid import CLIPS
 
 # Recipe flags: per stage, flag -> the field of the chosen method's config it sets. --factorize / --quantize /
 # --compensate choose the method; a flag left out takes the config's own default.
 STAGE_FLAGS = {
     "factorize": {"rank_budget": "rank_budget", "allocate": "allocate"},
-    "quantize": {"wbits": "bits", "group_size": "group_size", "sym": "symmetric", "act_order": "act_order",
-                 "static_groups": "static_groups", "damp": "damp", "iterations": "iterations"},
+    "quantize": {"wbits": "bits", "group_size": "group_size", "sym": "symmetric", "clip": "clip",
+                 "act_order": "act_order", "static_groups": "static_groups", "damp": "damp", "alpha": "alpha",
+                 "iterations": "iterations"},
     "compensate": {"compensate_rank": "rank", "compensate_bits": "factor_bits"},
 }
 CALIBRATION_FLAGS = {"calib": "source", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
@@ -58,12 +60,17 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--group-size", type=int,
                        help=f"columns per quantization group (default {GridConfig.group_size}; 0: whole row)")
     group.add_argument("--sym", action="store_true", default=None, help="symmetric grid (default asymmetric)")
-    group.add_argument("--act-order", action="store_true", default=None,
-                       help="GPTQ: columns by decreasing Hessian diagonal")
-    group.add_argument("--static-groups", action="store_true", default=None,
-                       help="GPTQ: group scales from the original weight")
+    group.add_argument("--clip", choices=CLIPS,
+                       help=f"each group's range: its min-max, or the shrink of it with the least error (default "
+                            f"{GridConfig.clip})")
+    group.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"GPTQ: columns by decreasing Hessian diagonal (default {GPTQ.act_order})")
+    group.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"GPTQ: group scales fixed before the loop (default {GPTQ.static_groups})")
     group.add_argument("--damp", type=float,
                        help=f"GPTQ: damping, fraction of the mean Hessian diagonal (default {GPTQ.damp})")
+    group.add_argument("--alpha", type=float,
+                       help=f"GPTAQ: weight of the asymmetric term (default {GPTAQ.alpha})")
     group.add_argument("--iterations", type=int,
                        help=f"learned quantizers (lrq, cbq): optimisation steps per window "
                             f"(default {LearnedConfig.iterations})")
@@ -73,7 +80,8 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--compensate-rank", type=int,
                        help=f"rank of the compensation (default {CompensateConfig.rank})")
     group.add_argument("--compensate-bits", type=int,
-                       help="quantize the compensation factors to 2/3/4/8 bits (default fp16)")
+                       help=f"bits of the compensation factors, quantized per output channel: 2/3/4/8, or 16 to keep "
+                            f"them in fp16 (default {CompensateConfig.factor_bits})")
     group.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                        help="capture every linear's statistics from the uncompressed block (default: group by group in "
                             "data-flow order, each with the earlier groups of the block compressed)")
@@ -120,6 +128,8 @@ def stage_config(stage: str, args: argparse.Namespace):
     wrong = [flag for flag in given if STAGE_FLAGS[stage][flag] not in fields]
     if wrong:
         raise CompressError(f"--{wrong[0].replace('_', '-')} does not apply to --{stage} {method}")
+    if given.get("compensate_bits") == 16:  # fp16 factors: stored as they are, not quantized
+        given["compensate_bits"] = None
     return kind(**{STAGE_FLAGS[stage][flag]: value for flag, value in given.items()})
 
 

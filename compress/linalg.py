@@ -17,10 +17,12 @@ from calibration.capture import symmetrize_
 
 @dataclass(frozen=True)
 class LowRank:
-    """W ~= up @ down with up (out, rank) and down (rank, in)."""
+    """W ~= up @ down with up (out, rank) and down (rank, in); directions: how many eigen-directions of the input Gram
+    the factors could use (EoRA: those above float64 noise), None where not counted."""
 
     up: torch.Tensor
     down: torch.Tensor
+    directions: int | None = None
 
     @property
     def rank(self) -> int:
@@ -103,10 +105,11 @@ def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(eigenvalues), torch.from_numpy(vectors)
 
 
-def damped_cholesky(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tensor, float]:
+def damped_cholesky(gram: torch.Tensor, max_tries: int = 10, ridge: float = 0.0) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor L of gram + damp*I (float64), L @ L.T = gram + damp*I, and the damp used.
 
-    Tries no damping first, then 1e-8, 1e-7, ... times the mean diagonal; dead input channels
+    Tries `ridge` times the mean diagonal first (0: no damping), then 1e-8, 1e-7, ... times it (each at least the
+    ridge); dead input channels
     (zero diagonal) get the mean diagonal so that they cannot make the factor singular. Besides the Gram, one
     (n, n) matrix is alive: the working copy that becomes the factor.
     """
@@ -115,7 +118,7 @@ def damped_cholesky(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tens
     mean_diag = diag.mean().clamp(min=1e-12).item()
     undamped = torch.where(diag <= 0, mean_diag, diag)
     for attempt in range(max_tries):
-        damp = 0.0 if attempt == 0 else mean_diag * 10.0 ** (attempt - 9)
+        damp = mean_diag * max(ridge, 0.0 if attempt == 0 else 10.0 ** (attempt - 9))
         factor = gram.clone()
         factor.diagonal().copy_(undamped + damp)  # on the diagonal in place: no (n, n) identity or sum beside
         if cholesky_(factor):
@@ -179,8 +182,9 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     root @ root.T = gram, and (inverse_lambda[:, None] * root.T) = Lambda^(-1/2) Q^T is root's pseudo-inverse:
     callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held (see `eigh_`).
-    A truncated pseudo-inverse (as GPTQModel's EoRA): eigenvalues <= lambda_max * n * eps_fp32, negative
-    ones included, count as zero, and both their square root and inverse are set to 0.
+    A truncated pseudo-inverse: eigenvalues <= lambda_max * n * eps_fp64 (the accuracy of a float64 eigh), negative
+    ones included, count as zero, and both their square root and inverse are set to 0. (GPTQModel's EoRA cuts at
+    float32's eps, which drops real directions of a wide, ill-conditioned layer.)
     """
     if nonfinite_count(gram):
         raise ValueError("eigen_root: the Gram matrix has non-finite entries "
@@ -188,7 +192,7 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eigenvalues, root = eigh_(gram.double())
     if not torch.isfinite(eigenvalues).all():
         raise ValueError("eigh of the Gram matrix returned non-finite eigenvalues")
-    threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float32).eps
+    threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float64).eps
     kept = eigenvalues > threshold
     sqrt_lambda, inverse_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
     sqrt_lambda[kept] = eigenvalues[kept].sqrt()

@@ -3,7 +3,8 @@ says which method runs. The CLI's choices, the recipe's YAML round-trip and the 
 
 Function signatures per stage:
   factorize   (weight (out, in), Statistics, rank, config) -> Factorization
-  quantize    layer quantizers: (weight (out, in), gram (in, in) or None, config) -> Quantization;
+  quantize    layer quantizers: (weight (out, in), gram (in, in) or None, config, cross=None) -> Quantization,
+              cross = sum (x_fp - x) x^T where both streams were captured (read by GPTAQ);
               learned quantizers (LearnedConfig): (blocks, linears, inputs, targets, block_kwargs, config)
               -> per block {name: QuantizedWeight}
   compensate  (error (out, in), Statistics, config) -> LowRank
@@ -20,7 +21,7 @@ from compress.factorize.saes_svd import SAES, factorize_saes
 from compress.factorize.svd import SVD, factorize_svd
 from compress.factorize.svd_llm import SVDLLM, factorize_svd_llm
 from compress.quantize.cbq import CBQ, quantize_window_cbq
-from compress.quantize.gptq import GPTQ, quantize_gptq
+from compress.quantize.gptq import GPTAQ, GPTQ, quantize_gptq
 from compress.quantize.lrq import LRQ, quantize_window_lrq
 from compress.quantize.rtn import RTN, quantize_rtn
 
@@ -35,6 +36,7 @@ METHODS: dict[str, dict[str, tuple[type, Callable]]] = {
     "quantize": {
         "rtn": (RTN, quantize_rtn),
         "gptq": (GPTQ, quantize_gptq),
+        "gptaq": (GPTAQ, quantize_gptq),
         "lrq": (LRQ, quantize_window_lrq),
         "cbq": (CBQ, quantize_window_cbq),
     },

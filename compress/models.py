@@ -1,6 +1,10 @@
-"""Resolve `--model` (alias, hub id or local directory) and load a causal LM with its tokenizer."""
+"""Resolve `--model` (alias, hub id, local directory or .gguf file) and load a causal LM with its tokenizer."""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,12 +25,17 @@ ALIASES = {
 
 
 def resolve_model(name: str) -> str:
-    """A local directory or a hub id for `name`; a one-line CompressError when it can be neither."""
+    """A local directory or a hub id for `name` (a .gguf file: its converted directory, made once); a one-line
+    CompressError when it can be neither."""
     if name in ALIASES:
         return ALIASES[name]
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CompressError(f"GGUF file '{name}' does not exist")
+        return str(gguf_directory(path))
     looks_like_path = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
     if looks_like_path:
         if "/" not in name and not path.exists():
@@ -86,3 +95,53 @@ def fill_model(model, state: dict[str, torch.Tensor], where: str):
     if tied:
         model.tie_weights()
     return model.eval()
+
+
+def cache_root() -> Path:
+    """`$XDG_CACHE_HOME/compress`, by default `~/.cache/compress`."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "compress"
+
+
+def gguf_directory(gguf: Path, directory: Path | None = None) -> Path:
+    """A transformers directory (float32 safetensors + tokenizer) converted from a GGUF checkpoint on first use.
+
+    The default place is under `cache_root()/gguf`, named after the file and a hash of its path, size and time,
+    so a changed file is converted again. Says so on stderr when it converts (once per file)."""
+    gguf = gguf.expanduser().resolve()
+    if directory is None:
+        stat = gguf.stat()
+        key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        directory = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if not ((directory / "config.json").is_file() and any(directory.glob("*.safetensors"))):
+        print(f"converting {gguf} to {directory} (once)", file=sys.stderr)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf, directory)
+    return directory
+
+
+def convert_gguf(gguf: Path, directory: Path) -> None:
+    """Dequantize a GGUF checkpoint with transformers (needs the `gguf` package) and save it as a plain float32
+    safetensors directory, written beside it first and renamed at the end: an interrupted conversion leaves nothing
+    that looks finished."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ImportError, OSError, ValueError) as exc:
+        raise CompressError(f"cannot read {gguf} with transformers (pip install gguf): "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its tensors are already
+    # dequantized: move them into a plain model built from the same config without the quantization entry.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    model.load_state_dict(loaded.state_dict())
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)

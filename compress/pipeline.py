@@ -19,6 +19,7 @@ from compress.factorize.saes_svd import SAES
 from compress.linalg import nonfinite_count
 from compress.models import DEMO_DIR, load_model, resolve_model
 from compress.quantize import LearnedConfig
+from compress.quantize.gptq import GPTAQ
 from compress.recipe import Recipe
 from compress.stages import LearnedQuantizer, Plan, allocate, compress_linear, prune_mlp
 from compress.streaming import Shards, empty_model, has_shards, work_directory
@@ -68,7 +69,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         check_group_size(recipe.quantize.group_size, shapes, plan.ranks)
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
     notes = calibration_notes(input_ids)
-    cross = isinstance(recipe.factorize, SAES)
+    cross = isinstance(recipe.factorize, SAES) or isinstance(recipe.quantize, GPTAQ)  # both streams' statistics
     state = source.start(model, arch, input_ids, recipe)
     hidden, fp_hidden, block_kwargs = state.hidden, state.fp_hidden, state.block_kwargs
     check_finite(hidden, "the calibration inputs of the first block")

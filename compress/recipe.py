@@ -18,6 +18,8 @@ from compress.quantize import GridConfig, LearnedConfig
 # with the defaults they always carried: a key the method's config lacks is dropped when it holds its default.
 LEGACY_DEFAULTS = {"act_order": False, "static_groups": False, "damp": 0.01, "rank": None, "iterations": 200,
                    "lr": 1e-3, "seed": 0, "window": 2, "overlap": 1, "beta": None, "beta_min": 0.25, "beta_max": 0.75}
+# Keys added to the configs since recipes were first written, with the value a recipe without them ran with.
+ADDED_KEYS = {"clip": "minmax", "ridge": 0.0}
 STAGE_TYPES = {"factorize": FactorizeConfig, "quantize": GridConfig, "compensate": CompensateConfig}
 
 
@@ -146,6 +148,7 @@ def _stage_config(stage: str, data: object, legacy: bool):
         fields = {key: value for key, value in fields.items()
                   if key not in stale and not (value is None and getattr(kind, key, None) is not None)}
     _known_keys(f"recipe.{stage} ({name})", fields, kind)
+    fields = {**{key: value for key, value in ADDED_KEYS.items() if key in own}, **fields}
     return kind(**fields)
 
 

@@ -109,7 +109,7 @@ def compress_linear(name: str, linear: nn.Module, statistics: Statistics, rank: 
         if isinstance(given, QuantizedWeight):
             parts["base"] = given
         elif base is not None:
-            parts["base"] = quantize_tensor(base, gram, quantize, f"{name}.base", record.notes)
+            parts["base"] = quantize_tensor(base, gram, quantize, f"{name}.base", record.notes, statistics.cross)
         else:  # the factor `up` sees the input `down @ x`, whose Gram is down G down^T (down as quantized)
             parts["down"] = quantize_tensor(down, gram, quantize, f"{name}.down", record.notes)
             parts["up"] = quantize_tensor(up, factor_gram(parts["down"], gram, quantize), quantize, f"{name}.up",
@@ -118,7 +118,7 @@ def compress_linear(name: str, linear: nn.Module, statistics: Statistics, rank: 
         record.bits = quantize.bits
         record.group_size = {part: q.group_size for part, q in parts.items()}
     if compensate is not None:
-        up, down = compensation(weight, base, statistics, compensate, quantize, name, record.notes)
+        up, down = compensation(weight, base, statistics, compensate, quantize, name, record.notes, record.details)
         record.rank = down.shape[0]
     # Dense parts are stored in fp16: cast now so that the model in memory is the one written. A given base
     # stays exact: it stands for someone else's quantized tensors, which are kept as they are.
@@ -135,17 +135,18 @@ def compress_linear(name: str, linear: nn.Module, statistics: Statistics, rank: 
 
 
 def quantize_tensor(tensor: torch.Tensor, gram: torch.Tensor | None, config: GridConfig, name: str,
-                    notes: list[str]) -> QuantizedWeight:
-    """A layer quantizer on one tensor (out, in) whose inputs have Gram `gram` (in, in; RTN reads none); a learned
-    quantizer's grid here is RTN's (it learns whole blocks, not tensors)."""
+                    notes: list[str], cross: torch.Tensor | None = None) -> QuantizedWeight:
+    """A layer quantizer on one tensor (out, in) whose inputs have Gram `gram` (in, in; RTN reads none) and, where
+    both streams were captured, cross statistics sum (x_fp - x) x^T; a learned quantizer's grid here is RTN's (it
+    learns whole blocks, not tensors)."""
     group_size = resolve_group_size(tensor.shape[1], config.group_size)
     if config.group_size and group_size != config.group_size:
         notes.append(f"{name}: group size {config.group_size} does not divide {tensor.shape[1]}, used {group_size}")
     if isinstance(config, LearnedConfig):
-        config = RTN(config.bits, config.group_size, config.symmetric)
+        config = RTN(config.bits, config.group_size, config.symmetric, config.clip)
     config = replace(config, group_size=group_size)
     try:
-        quantization = run(config)(tensor.float(), gram, config)
+        quantization = run(config)(tensor.float(), gram, config, cross=cross)
     except ValueError as exc:
         raise CompressError(f"{name}: {exc}") from None
     if quantization.damp_raised:
@@ -156,12 +157,15 @@ def quantize_tensor(tensor: torch.Tensor, gram: torch.Tensor | None, config: Gri
 
 def compensation(weight: torch.Tensor, base: torch.Tensor | QuantizedWeight, statistics: Statistics,
                  config: CompensateConfig, quantize: GridConfig | None, name: str = "layer",
-                 notes: list[str] | None = None) -> tuple[torch.Tensor | QuantizedWeight,
-                                                          torch.Tensor | QuantizedWeight]:
+                 notes: list[str] | None = None, details: dict | None = None) -> tuple[torch.Tensor | QuantizedWeight,
+                                                                                      torch.Tensor | QuantizedWeight]:
     """Low-rank factors (up, down) of the error weight - base; quantized per output channel when asked (with GPTQ
-    when the base was, else RTN)."""
+    when the base was, else RTN), `up` refit by least squares to the quantized `down` first. `details` gets the
+    eigen-directions the method could use, where it counts them."""
     error = weight.float() - (base.dequantize() if isinstance(base, QuantizedWeight) else base.float())
     lowrank = run(config)(error, statistics, config)
+    if details is not None and lowrank.directions is not None:
+        details["compensation_directions"] = lowrank.directions
     if config.factor_bits is None:
         return lowrank.up, lowrank.down
     gptq = isinstance(quantize, GPTQ)
@@ -169,9 +173,21 @@ def compensation(weight: torch.Tensor, base: torch.Tensor | QuantizedWeight, sta
     per_channel = GPTQ(**grid, damp=quantize.damp) if gptq else RTN(**grid)
     notes = [] if notes is None else notes
     down = quantize_tensor(lowrank.down, statistics.gram, per_channel, f"{name}.compensation.down", notes)
-    up = quantize_tensor(lowrank.up, factor_gram(down, statistics.gram, per_channel), per_channel,
-                         f"{name}.compensation.up", notes)
+    up = refit_up(error, down, statistics.gram)
+    up = quantize_tensor(up, factor_gram(down, statistics.gram, per_channel), per_channel, f"{name}.compensation.up",
+                         notes)
     return up, down
+
+
+def refit_up(target: torch.Tensor, down: QuantizedWeight, gram: torch.Tensor) -> torch.Tensor:
+    """The `up` (out, rank) minimising ||(target - up down) X||_F for a fixed (quantized) `down`: the normal equations
+    up (down G down^T) = target G down^T, with a ridge of 1e-10 of the mean diagonal against rank-deficient inputs."""
+    down = down.dequantize(torch.float64)
+    projected = down @ gram.double()  # (rank, in)
+    normal = projected @ down.T
+    normal.diagonal().add_(1e-10 * normal.diagonal().mean().clamp(min=1e-30))
+    rhs = target.double() @ projected.T  # (out, rank)
+    return torch.linalg.solve(normal, rhs.T).T.float()
 
 
 def factor_gram(down: QuantizedWeight, gram: torch.Tensor, config: GridConfig) -> torch.Tensor | None:

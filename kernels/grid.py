@@ -106,13 +106,42 @@ def resolve_group_size(cols: int, group_size: int) -> int:
     return max(d for d in range(1, group_size + 1) if cols % d == 0)
 
 
-def find_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scales and integer zeros per (row, group): (rows, cols // group_size) each."""
+CLIPS = ("minmax", "mse")
+# GPTQ's MSE grid search (quant.py of IST-DASLab/gptq, as llm-compressor's MSE observer): shrink factors 1, 0.99, ...
+# down to 1 - MAX_SHRINK, error measured as sum |w - q|^NORM (2.4 weighs large errors more than squares do)
+SHRINK_STEPS, MAX_SHRINK, NORM = 100, 0.8, 2.4
+
+
+def find_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and integer zeros per (row, group): (rows, cols // group_size) each.
+
+    clip "minmax": the grid spans each group's range; "mse": the range shrunk by the factor that minimises the
+    group's error sum |w - q|^NORM, the min-max grid among the candidates (so never a larger error than it).
+    """
     rows, cols = weight.shape
     grouped = weight.reshape(rows, cols // group_size, group_size).float()
+    wmin, wmax = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    scales, zeros = _range_grid(wmin, wmax, bits, symmetric)
+    if clip == "minmax":
+        return scales, zeros
+    if clip != "mse":
+        raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+    best = _group_error(grouped, scales, zeros, bits)
+    for step in range(1, int(MAX_SHRINK * SHRINK_STEPS) + 1):
+        shrink = 1 - step / SHRINK_STEPS
+        candidate_scales, candidate_zeros = _range_grid(wmin * shrink, wmax * shrink, bits, symmetric)
+        error = _group_error(grouped, candidate_scales, candidate_zeros, bits)
+        better = error < best
+        best = torch.where(better, error, best)
+        scales, zeros = torch.where(better, candidate_scales, scales), torch.where(better, candidate_zeros, zeros)
+    return scales, zeros
+
+
+def _range_grid(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid spanning [wmin, wmax] (wmin <= 0 <= wmax) per group: fp16-representable scales, int32 zeros."""
     maxq = 2**bits - 1
-    wmin = grouped.amin(-1).clamp(max=0)
-    wmax = grouped.amax(-1).clamp(min=0)
     if symmetric:
         wmax = torch.maximum(wmin.abs(), wmax)
         wmin = -wmax
@@ -125,6 +154,13 @@ def find_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: boo
     else:
         zeros = torch.round(-wmin / scales).clamp(0, maxq)
     return scales, zeros.to(torch.int32)
+
+
+def _group_error(grouped: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """sum |w - q|^NORM per (row, group) of grouped (rows, groups, group_size) on the grid (scales, zeros)."""
+    scale, zero = scales.unsqueeze(-1), zeros.unsqueeze(-1)
+    q = (torch.round(grouped / scale) + zero).clamp(0, 2**bits - 1)
+    return ((q - zero) * scale - grouped).abs().pow(NORM).sum(-1)
 
 
 def quantize_ints(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:

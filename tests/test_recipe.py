@@ -83,7 +83,9 @@ def test_old_recipe_files_load_as_they_ran(tmp_path):
                     .replace("method: cbq", "method: gptq").replace("iterations: 50", "iterations: 200")
                     .replace("window: 3", "window: 2"))
     recipe = Recipe.load(path)
-    assert recipe == Recipe(factorize=SVDLLM(0.6), quantize=GPTQ(bits=3, group_size=64),
+    # what GPTQ's defaults were then: no act-order, no static groups, min-max grid
+    old_gptq = GPTQ(bits=3, group_size=64, act_order=False, static_groups=False, clip="minmax")
+    assert recipe == Recipe(factorize=SVDLLM(0.6), quantize=old_gptq,
                             calibration=Calibration(nsamples=16, seqlen=64), true_sequential=False)
 
 
@@ -91,7 +93,8 @@ def test_old_recipe_keys_keep_their_meaning():
     data = __import__("yaml").safe_load(LEGACY)
     data["factorize"] = None
     recipe = Recipe.from_dict(data)
-    assert recipe.quantize == CBQ(bits=3, group_size=64, iterations=50, window=3, overlap=1)  # rank None was CBQ's 5
+    # rank None was CBQ's 5; the grid was min-max
+    assert recipe.quantize == CBQ(bits=3, group_size=64, iterations=50, window=3, overlap=1, clip="minmax")
     data["quantize"]["method"] = "rtn"
     with pytest.raises(CompressError, match="iterations, window do.*not apply to rtn.*true_sequential: false"):
         Recipe.from_dict(data)

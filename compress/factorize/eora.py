@@ -34,4 +34,4 @@ def eigenspace_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> L
     U, S = top_left_singular(target.double() @ root, rank)
     # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T Q' (as S' V'^T = U'^T T Q'), then A = that times Q'^+ = Lambda^-1 Q'^T
     up, down = balanced_factors(U, S, ((U.T @ target.double()) @ root * inverse_lambda) @ root.T)
-    return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))
+    return LowRank(up=up.to(target.dtype), down=down.to(target.dtype), directions=int((inverse_lambda > 0).sum()))

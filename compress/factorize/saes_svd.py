@@ -23,16 +23,20 @@ from compress.linalg import LowRank, balanced_svd, damped_cholesky, truncated_sv
 @dataclass(frozen=True)
 class SAES(FactorizeConfig):
     """SAES-SVD: beta = alpha/(1+alpha) weighs the fit to the full-precision stream; None lets ACES choose it per
-    layer in [beta_min, beta_max]."""
+    layer in [beta_min, beta_max]. ridge: damping of the Gram's Cholesky factor, as a fraction of its mean diagonal
+    (a near-singular Gram otherwise amplifies noise in the cross term's solve)."""
 
     beta: float | None = None
     beta_min: float = 0.25
     beta_max: float = 0.75
+    ridge: float = 1e-6
 
     def __post_init__(self):
         super().__post_init__()
         if self.beta is not None and not 0 <= self.beta < 1:
             raise CompressError(f"beta must be in [0, 1), got {self.beta}")
+        if not 0 <= self.ridge < 1:
+            raise CompressError(f"ridge must be in [0, 1), got {self.ridge}")
         if not 0 <= self.beta_min <= self.beta_max < 1:
             raise CompressError(f"need 0 <= beta_min <= beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
 
@@ -43,14 +47,15 @@ def factorize_saes(weight: torch.Tensor, statistics: Statistics, rank: int, conf
 
     cross = (X^f - X) X^T in column notation, i.e. (Xf - X).T @ X for row-major (tokens, in) inputs, scaled like gram.
     """
-    return saes_lowrank(weight, statistics.gram, statistics.cross, rank, config.beta, config.beta_max, config.beta_min)
+    return saes_lowrank(weight, statistics.gram, statistics.cross, rank, config.beta, config.beta_max, config.beta_min,
+                        config.ridge)
 
 
 def saes_lowrank(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, rank: int, beta: float | None = None,
-                 beta_max: float = 0.99, beta_min: float = 0.0) -> Factorization:
+                 beta_max: float = 0.99, beta_min: float = 0.0, ridge: float = 0.0) -> Factorization:
     """CEALC's closed form, with the beta used and the damping. beta=None chooses beta with ACES in
     [beta_min, beta_max]; a given beta is used as it is."""
-    root, damp = damped_cholesky(gram)
+    root, damp = damped_cholesky(gram, ridge=ridge)
     S = weight.double() @ root  # W (H + damp I) C^(-T) = W C
     D = torch.linalg.solve_triangular(root.T, weight.double() @ cross.double(),
                                       upper=True, left=False)  # W Delta C^(-T)

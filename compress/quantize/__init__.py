@@ -9,24 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.errors import CompressError
-from kernels.grid import SUPPORTED_BITS, QuantizedWeight
+from kernels.grid import CLIPS, SUPPORTED_BITS, QuantizedWeight
 
 
 @dataclass(frozen=True)
 class GridConfig:
     """The grid every quantizer stores: `bits` per weight, one scale (and zero unless `symmetric`) per group of
     `group_size` input columns. group_size 0 means one group per row; one that does not divide a tensor falls back
-    to the largest divisor below it, and the report says so."""
+    to the largest divisor below it, and the report says so. clip: how each group's range is chosen, "minmax" or
+    "mse" (the shrink of the range with the least error, grid.find_params)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    clip: str = "mse"
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise CompressError(f"wbits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         if self.group_size < 0:
             raise CompressError(f"group size must be >= 0 (0: one group per row), got {self.group_size}")
+        if self.clip not in CLIPS:
+            raise CompressError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
 
 
 @dataclass(frozen=True)

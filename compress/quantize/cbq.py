@@ -21,7 +21,7 @@ Three parts, as the paper's abstract names them:
    gradient. So h = frac(W/s) exactly at the start, and the rounding decisions the low-rank part does not
    move stay round-to-nearest of the current grid when s changes.
 3. Cross-block reconstruction: the blocks of a window run in sequence on the compressed stream with the
-   learnable rounding and learnable step sizes (s = exp(log_s), per (row, group), from the min-max grid of
+   learnable rounding and learnable step sizes (s = exp(log_s), per (row, group), from the grid (config.clip) of
    the CFP-clipped weight; zeros stay fixed); the loss on the window's last output is the relative MSE to
    the full-precision outputs + KL(softmax(fp) || softmax(q)) over the hidden dimension + the rounding
    regulariser; Adam. After the warm-up V is divided by a temperature that falls geometrically from 1 to
@@ -258,10 +258,11 @@ class LoRARounding(nn.Module):
     up0, down0: their initial values (buffers), the best rank-r approximation of the initial target.
     """
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, rank: int):
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, rank: int,
+                 clip: str = "minmax"):
         super().__init__()
         clipped = cfp_clip(weight)
-        scales, zeros = find_params(clipped, bits, group_size, symmetric)
+        scales, zeros = find_params(clipped, bits, group_size, symmetric, clip)
         u, sv, vh = torch.linalg.svd(rounding_target(clipped, scales), full_matrices=False)
         rank = min(rank, *clipped.shape)
         root = sv[:rank].sqrt()
@@ -355,7 +356,7 @@ def learn_window_cbq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]
     """
     roundings = [{name: LoRARounding(linear.weight.detach().float(), config.bits,
                                      resolve_group_size(linear.in_features, config.group_size), config.symmetric,
-                                     config.rank).to(linear.weight.device)
+                                     config.rank, config.clip).to(linear.weight.device)
                   for name, linear in named.items()} for named in linears]
     modules = [r for named in roundings for r in named.values()]
     if config.iterations == 0 or not modules:

@@ -48,14 +48,28 @@ class GPTQ(GridConfig):
     static_groups: group scales fixed on the original weight; damp: fraction of the mean Hessian diagonal added to
     it (raised automatically when a Cholesky factorisation fails, and reported)."""
 
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     damp: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.damp <= 1:
             raise CompressError(f"damp must be in [0, 1], got {self.damp}")
+
+
+@dataclass(frozen=True)
+class GPTAQ(GPTQ):
+    """GPTAQ ("GPTQ v2", Li et al., ICML 2025): GPTQ against ||W X_fp - Q X_q||^2, the full-precision stream's
+    inputs on one side and the compressed stream's on the other, from the cross statistics sum (x_fp - x) x^T.
+    alpha scales the asymmetric term (1: the exact objective; the authors run their update with 0.25)."""
+
+    alpha: float = 0.25
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise CompressError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -120,9 +134,12 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
 
 def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
              act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-             block_size: int = 128) -> GPTQResult:
+             block_size: int = 128, clip: str = "minmax", cross: torch.Tensor | None = None,
+             alpha: float = 1.0) -> GPTQResult:
     """GPTQ of weight (out, in) against gram (in, in) = sum x x^T; `group_size` must divide `in`.
 
+    cross (in, in) = sum (x_fp - x) x^T: GPTAQ's asymmetric objective ||W X_fp - Q X||^2, solved as GPTQ on the
+    least-squares target W* = W + alpha W cross (H + lambda I)^-1 (alpha 1: exactly that objective up to a constant).
     Returns the unpacked result in the original column order; `quantize_gptq` packs it.
     """
     rows, cols = weight.shape
@@ -143,9 +160,6 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     W[:, dead] = 0
 
     groups = cols // group_size
-    if static_groups:
-        static_scales, static_zeros = find_params(W, bits, group_size, symmetric)  # original column order
-
     # dead inputs count as H_jj = 1 when ordering, as the reference sets them before its argsort
     perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if act_order else None
     if act_order:
@@ -158,6 +172,11 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         return H
 
     Hinv, damp_used, damp_raised = inverse_hessian_factor(hessian, damp)
+    if cross is not None and alpha:
+        W += alpha * asymmetric_shift(W, cross.to(W.device), perm, dead, Hinv)
+    if static_groups:  # on the weight the loop starts from, in the original column order
+        static_scales, static_zeros = find_params(W if perm is None else W[:, torch.argsort(perm)], bits, group_size,
+                                                  symmetric, clip)
     if not act_order:
         perm = torch.arange(cols, device=W.device)
 
@@ -180,7 +199,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
             for start in range(-(-i1 // group_size) * group_size, i2, group_size):
                 group = start // group_size
                 scales[:, group:group + 1], zeros[:, group:group + 1] = find_params(
-                    W[:, start:start + group_size], bits, group_size, symmetric)
+                    W[:, start:start + group_size], bits, group_size, symmetric, clip)
             column_groups = torch.arange(i1, i2, device=W.device) // group_size
         ints[:, i1:i2], Q[:, i1:i2], Err1, block_losses = kernels.gptq_block(
             W[:, i1:i2], Hinv[i1:i2, i1:i2], scales[:, column_groups], zeros[:, column_groups], bits)
@@ -198,14 +217,29 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info)
 
 
-def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, config: GPTQ, block_size: int = 128) -> Quantization:
-    """GPTQ of weight (out, in) against gram (in, in) = sum x x^T on the grid of `config`.
+def asymmetric_shift(W: torch.Tensor, cross: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor,
+                     Hinv: torch.Tensor) -> torch.Tensor:
+    """W cross (H + lambda I)^-1 in GPTQ's working order: W (out, in) permuted, cross (in, in) in the original order,
+    Hinv the upper Cholesky factor U of the permuted (H + lambda I)^-1 = U^T U. Dead inputs carry no shift."""
+    cross = cross.to(torch.float64)
+    if perm is not None:
+        cross = cross[perm[:, None], perm]
+    cross = cross.masked_fill(dead[None, :], 0)
+    return (W @ cross @ Hinv.T) @ Hinv
+
+
+def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, config: GPTQ, block_size: int = 128,
+                  cross: torch.Tensor | None = None) -> Quantization:
+    """GPTQ of weight (out, in) against gram (in, in) = sum x x^T on the grid of `config`; with a GPTAQ config and
+    the cross statistics (in, in) = sum (x_fp - x) x^T, against the asymmetric objective (see run_gptq).
 
     The config's group size must divide `in` (callers resolve it with grid.resolve_group_size); group_size == in
     is one group per row. A failing GPTQ (broken statistics) raises ValueError.
     """
+    asymmetric = isinstance(config, GPTAQ) and cross is not None
     result = run_gptq(weight.float(), gram, config.bits, config.group_size, config.symmetric, config.act_order,
-                      config.static_groups, config.damp, block_size)
+                      config.static_groups, config.damp, block_size, config.clip, cross if asymmetric else None,
+                      config.alpha if asymmetric else 0.0)
     quantized = make_quantized(result.ints, result.scales, result.zeros, config.bits, config.symmetric,
                                result.info.g_idx)
     return Quantization(quantized, result.info.damp, result.info.damp_raised)

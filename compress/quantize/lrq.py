@@ -4,8 +4,9 @@ Every linear of a decoder block gets a learned rounding on the shared grid of ke
 
   W_hat = s1 * ( clamp( round( W / (s1 * exp(S2)) ) + z, 0, 2^b - 1 ) - z ),   S2 = L U + r 1^T + 1 c^T
 
-weight W (out, in); s1 (out, groups) the per-group step, learned as log s1 from the min-max grid
-(grid.find_params); z (out, groups) the integer zero of that grid, fixed (2^(b-1) when symmetric);
+weight W (out, in); s1 (out, groups) the per-group step, learned as log s1 from the grid of the config's
+clip (grid.find_params; MSE-clipped by default, as the authors initialise it); z (out, groups) the integer
+zero of that grid, fixed (2^(b-1) when symmetric);
 L (out, rank) = 0, U (rank, in) Kaiming-uniform (bound 1/sqrt(in)), r (out, 1) = 0, c (1, in) = 0, so
 training starts exactly at round-to-nearest. round() has a straight-through gradient. Dividing W by a
 learned per-element factor lets each weight round up or down; de-quantization multiplies by s1 only, so
@@ -21,8 +22,8 @@ s1 passes through fp16 in every forward pass (straight-through), so the loss is 
 scales that are stored and the folded weight dequantizes bit for bit to the W_hat of the last iteration.
 
 Scaled down from the authors' settings (rank 1024, 5000 iterations, batch 2, lr 9e-4 for Llama-2 7B W4A16;
-MSE-searched s1 init) for small models and a short run: rank 16, 200 iterations, batch 4, lr 1e-3, min-max s1
-init (the grid every quantizer here shares). Unlike the released code, every matrix gets the low-rank S2
+MSE-searched s1 init) for small models and a short run: rank 16, 200 iterations, batch 4, lr 1e-3, s1 init
+on the grid every quantizer here shares. Unlike the released code, every matrix gets the low-rank S2
 (the code falls back to a full S2 for some shapes). Float32 math.
 """
 from __future__ import annotations
@@ -91,11 +92,11 @@ class LRQParams(nn.Module):
     r (out, 1), c (1, in); the zeros (out, groups) int32 are a fixed buffer."""
 
     def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, rank: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, clip: str = "minmax"):
         super().__init__()
         rows, cols = weight.shape
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        scales, zeros = find_params(weight, bits, group_size, symmetric)
+        scales, zeros = find_params(weight, bits, group_size, symmetric, clip)
         rank = min(rank, rows, cols)
         bound = 1 / math.sqrt(cols)  # kaiming_uniform_(a=sqrt(5)) on U (rank, in), as the authors initialise it
         up_init = (torch.rand(rank, cols, generator=generator) * 2 - 1) * bound
@@ -131,7 +132,8 @@ def train_lrq_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: tor
     generator = torch.Generator().manual_seed(config.seed)
     weights = {name: linear.weight.detach().float() for name, linear in linears.items()}
     quantizers = {name: LRQParams(w, config.bits, resolve_group_size(w.shape[1], config.group_size),
-                                  config.symmetric, config.rank, generator) for name, w in weights.items()}
+                                  config.symmetric, config.rank, generator, config.clip)
+                  for name, w in weights.items()}
     # The block's own tensors, detached and in float32: no gradient reaches them, and nothing of theirs changes.
     frozen = {name: p.detach().float() for name, p in block.named_parameters()}
     frozen.update({name: b.float() if b.is_floating_point() else b for name, b in block.named_buffers()})

@@ -25,7 +25,8 @@ def compressed(tmp_path_factory, tiny_model_dir):
     recipes = {
         "sym-eora": ["--wbits", "4", "--group-size", str(GROUP), "--quantize", "gptq", "--sym", "--compensate", "eora",
                      "--compensate-rank", "6"],
-        "asym-actorder": ["--wbits", "4", "--group-size", str(GROUP), "--quantize", "gptq", "--act-order"],
+        "asym-actorder": ["--wbits", "4", "--group-size", str(GROUP), "--quantize", "gptq", "--act-order",
+                          "--no-static-groups"],  # dynamic groups: the export carries g_idx
         "lowrank": ["--rank-budget", "0.5"],
     }
     for name, flags in recipes.items():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress import GPTQ, CompressError
+from compress import GPTAQ, GPTQ, CompressError
 from compress.quantize import Quantization
 from compress.quantize.gptq import GPTQInfo, quantize_gptq, run_gptq
 from compress.quantize.rtn import round_to_nearest
@@ -54,7 +54,7 @@ def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, symmetric):
 def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits):
     weight, gram = problem(rows=16, cols=96)
     # block_size 40 and group_size 32 do not align: groups straddle blocks.
-    kwargs = dict(act_order=act_order, static_groups=act_order)
+    kwargs = dict(act_order=act_order, static_groups=act_order, clip="mse" if act_order else "minmax")
     result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs, block_size=40)
     info = result.info
     assert isinstance(info, GPTQInfo)
@@ -75,8 +75,14 @@ def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_identity_gram_gives_rtn(group_size, symmetric):
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
-    packed = quantize_gptq(weight, torch.eye(128), GPTQ(bits=3, group_size=group_size, symmetric=symmetric)).weight
-    rtn = round_to_nearest(weight, 3, group_size, symmetric)
+    for clip in ("minmax", "mse"):  # with act-order and static groups (the defaults) too
+        packed = quantize_gptq(weight, torch.eye(128), GPTQ(bits=3, group_size=group_size, symmetric=symmetric,
+                                                            clip=clip)).weight
+        rtn = round_to_nearest(weight, 3, group_size, symmetric, clip)
+        assert torch.equal(packed.ints(), rtn.ints())
+    packed = quantize_gptq(weight, torch.eye(128), GPTQ(bits=3, group_size=group_size, symmetric=symmetric,
+                                                        act_order=False, static_groups=False)).weight
+    rtn = round_to_nearest(weight, 3, group_size, symmetric, "mse")
     assert torch.equal(packed.ints(), rtn.ints())
     assert torch.equal(packed.scales, rtn.scales)
     assert torch.equal(packed.zeros(), rtn.zeros())
@@ -112,7 +118,8 @@ def test_damping_is_raised_when_cholesky_fails_and_reported():
 
 def test_act_order_with_dynamic_groups_carries_gidx():
     weight, gram = problem(rows=16, cols=96)
-    quantized = quantize_gptq(weight, gram, GPTQ(bits=3, group_size=32, symmetric=False, act_order=True)).weight
+    quantized = quantize_gptq(weight, gram, GPTQ(bits=3, group_size=32, symmetric=False, act_order=True,
+                                                 static_groups=False, clip="minmax")).weight
     result = run_gptq(weight, gram, 3, 32, symmetric=False, act_order=True)
     # the packed weight reads its groups through g_idx
     assert torch.equal(quantized.dequantize(), result.dequantized)
@@ -142,3 +149,44 @@ def test_invalid_configs_are_refused():
     for kwargs in (dict(damp=-0.1), dict(damp=1.5), dict(bits=5), dict(group_size=-1)):
         with pytest.raises(CompressError):
             GPTQ(**kwargs)
+
+
+def two_streams(rows=32, cols=96, tokens=1024, seed=3):
+    """A weight, full-precision inputs X_fp and the compressed stream's X_q = X_fp + a correlated drift."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g)
+    x_fp = torch.randn(tokens, cols, generator=g) * torch.exp(torch.randn(cols, generator=g))
+    x_q = x_fp + 0.3 * torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5
+    return weight, x_fp.double(), x_q.double()
+
+
+def test_gptaq_is_gptq_when_the_streams_are_equal():
+    weight, x_fp, _ = two_streams()
+    gram = x_fp.T @ x_fp
+    for act_order in (False, True):
+        kwargs = dict(bits=3, group_size=32, act_order=act_order, static_groups=act_order)
+        gptq = quantize_gptq(weight, gram, GPTQ(**kwargs)).weight
+        gptaq = quantize_gptq(weight, gram, GPTAQ(**kwargs, alpha=1.0), cross=torch.zeros_like(gram)).weight
+        assert torch.equal(gptaq.ints(), gptq.ints()) and torch.equal(gptaq.scales, gptq.scales)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptaq_fits_the_full_precision_outputs_better(bits):
+    weight, x_fp, x_q = two_streams()
+    gram, cross = x_q.T @ x_q, (x_fp - x_q).T @ x_q
+    target = weight.double() @ x_fp.T
+
+    def asymmetric_error(config, **kwargs):
+        q = quantize_gptq(weight, gram, config, **kwargs).weight.dequantize(torch.float64)
+        return (target - q @ x_q.T).norm().item()
+
+    gptq = asymmetric_error(GPTQ(bits=bits, group_size=32))
+    exact = asymmetric_error(GPTAQ(bits=bits, group_size=32, alpha=1.0), cross=cross)
+    assert exact < (0.99 if bits == 2 else 0.95) * gptq  # at 2 bits the rounding error itself dominates
+    # without the cross statistics (a stream not captured) it falls back to GPTQ
+    assert asymmetric_error(GPTAQ(bits=bits, group_size=32, alpha=1.0)) == gptq
+
+
+def test_gptaq_alpha_is_checked():
+    with pytest.raises(CompressError, match="alpha must be in"):
+        GPTAQ(alpha=1.5)

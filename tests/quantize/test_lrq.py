@@ -73,7 +73,7 @@ def test_zero_iterations_is_rtn(block_problem, symmetric):
     config = LRQ(bits=3, group_size=32, iterations=0, symmetric=symmetric)
     lrq = quantize_block_lrq(block, linears, inputs, targets, kwargs, config)
     for name, linear in linears.items():
-        rtn = round_to_nearest(linear.weight.detach().float(), 3, 32, symmetric)
+        rtn = round_to_nearest(linear.weight.detach().float(), 3, 32, symmetric, config.clip)
         assert torch.equal(lrq[name].ints(), rtn.ints())
         assert torch.equal(lrq[name].scales, rtn.scales) and torch.equal(lrq[name].zeros(), rtn.zeros())
         assert lrq[name].symmetric == symmetric
