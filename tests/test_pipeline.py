@@ -223,7 +223,7 @@ def test_every_factorization_and_allocator_meets_the_budget(tiny_model_dir, meth
 def test_saes_with_zero_beta_is_svd_llm(tiny_model_dir, tmp_path):
     ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(0))
     outputs = []
-    for stage in (SAES(0.4, beta=0.0), SVDLLM(rank_budget=0.4)):
+    for stage in (SAES(0.4, beta=0.0, ridge=0.0), SVDLLM(rank_budget=0.4)):
         result = compress_model(str(tiny_model_dir), Recipe(factorize=stage), calib=ids, progress=False)
         with torch.no_grad():
             outputs.append(result.model(ids[:1]).logits)
@@ -291,8 +291,8 @@ def demo_errors(ids, stages: dict, blocks: int = 2) -> dict[str, float]:
 
 def test_gptq_act_order_round_trips(tiny_model_dir, tmp_path):
     ids = torch.randint(0, 4000, (8, 32), generator=torch.Generator().manual_seed(2))
-    result = compress_model(str(tiny_model_dir), Recipe(quantize=GPTQ(bits=3, group_size=32, act_order=True)),
-                            calib=ids, progress=False)
+    config = GPTQ(bits=3, group_size=32, act_order=True, static_groups=False)
+    result = compress_model(str(tiny_model_dir), Recipe(quantize=config), calib=ids, progress=False)
     # act-order with dynamic groups stores each column's group (g_idx); it survives save and load
     assert result.model.model.layers[0].mlp.down_proj.base.g_idx is not None
     loaded = load_compressed(save_compressed(result, tmp_path / "act"))
@@ -302,8 +302,9 @@ def test_gptq_act_order_round_trips(tiny_model_dir, tmp_path):
 
 def test_gptq_beats_rtn_on_the_layer_objective(demo_ids):
     errors = demo_errors(demo_ids, {"rtn": dict(quantize=RTN(bits=3, group_size=32)),
-                                    "gptq": dict(quantize=GPTQ(bits=3, group_size=32)),
-                                    "gptq-act": dict(quantize=GPTQ(bits=3, group_size=32, act_order=True))})
+                                    "gptq": dict(quantize=GPTQ(bits=3, group_size=32, act_order=False,
+                                                               static_groups=False)),
+                                    "gptq-act": dict(quantize=GPTQ(bits=3, group_size=32))})
     layer = {name: error for name, (error, _) in errors.items()}
     assert layer["gptq"] < layer["rtn"] and layer["gptq-act"] < layer["rtn"], errors
 

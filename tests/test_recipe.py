@@ -103,7 +103,7 @@ def test_old_recipe_keys_keep_their_meaning():
 def test_old_saes_recipe_keeps_its_beta_range():
     data = __import__("yaml").safe_load(LEGACY)
     data["quantize"] = None
-    assert Recipe.from_dict(data).factorize == SAES(rank_budget=0.6, beta_min=0.3)
+    assert Recipe.from_dict(data).factorize == SAES(rank_budget=0.6, beta_min=0.3, ridge=0.0)  # no ridge then
 
 
 @pytest.mark.parametrize("make, message", [
