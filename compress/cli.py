@@ -65,7 +65,7 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--damp", type=float,
                        help=f"GPTQ: damping, fraction of the mean Hessian diagonal (default {GPTQ.damp})")
     group.add_argument("--iterations", type=int,
-                       help=f"learned quantizers (lrq, cbq): optimisation steps per window "
+                       help=f"learned quantizers (lrq, cbq, signround): optimisation steps per window "
                             f"(default {LearnedConfig.iterations})")
     group.add_argument("--compensate", choices=METHODS["compensate"],
                        help=f"add a low-rank compensation of the quantization error "

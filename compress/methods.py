@@ -23,6 +23,7 @@ from compress.quantize.cbq import CBQ, quantize_window_cbq
 from compress.quantize.gptq import GPTQ, quantize_gptq
 from compress.quantize.lrq import LRQ, quantize_window_lrq
 from compress.quantize.rtn import RTN, quantize_rtn
+from compress.quantize.signround import SignRound, quantize_window_signround
 
 METHODS: dict[str, dict[str, tuple[type, Callable]]] = {
     "factorize": {
@@ -37,6 +38,7 @@ METHODS: dict[str, dict[str, tuple[type, Callable]]] = {
         "gptq": (GPTQ, quantize_gptq),
         "lrq": (LRQ, quantize_window_lrq),
         "cbq": (CBQ, quantize_window_cbq),
+        "signround": (SignRound, quantize_window_signround),
     },
     "compensate": {
         "lorc": (LoRC, compensate_lorc),
