@@ -15,8 +15,9 @@ from compress.quantize.cbq import CBQ
 from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.lrq import LRQ
 from compress.quantize.rtn import RTN
+from compress.quantize.signround import SignRound
 from compress.recipe import Calibration, Recipe
 
 __all__ = ["CBQ", "GPTAQ", "GPTQ", "LRQ", "METHODS", "RTN", "SAES", "SVD", "SVDLLM", "Calibration", "Compressed",
-           "CompressError", "CompressedLinear", "EoRA", "EoRAFactorize", "LoRAP", "LoRC", "Recipe", "compress_model",
-           "load_compressed", "save_compressed"]
+           "CompressError", "CompressedLinear", "EoRA", "EoRAFactorize", "LoRAP", "LoRC", "Recipe", "SignRound",
+           "compress_model", "load_compressed", "save_compressed"]

@@ -72,7 +72,7 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--alpha", type=float,
                        help=f"GPTAQ: weight of the asymmetric term (default {GPTAQ.alpha})")
     group.add_argument("--iterations", type=int,
-                       help=f"learned quantizers (lrq, cbq): optimisation steps per window "
+                       help=f"learned quantizers (lrq, cbq, signround): optimisation steps per window "
                             f"(default {LearnedConfig.iterations})")
     group.add_argument("--compensate", choices=METHODS["compensate"],
                        help=f"add a low-rank compensation of the quantization error "

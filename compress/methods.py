@@ -24,6 +24,7 @@ from compress.quantize.cbq import CBQ, quantize_window_cbq
 from compress.quantize.gptq import GPTAQ, GPTQ, quantize_gptq
 from compress.quantize.lrq import LRQ, quantize_window_lrq
 from compress.quantize.rtn import RTN, quantize_rtn
+from compress.quantize.signround import SignRound, quantize_window_signround
 
 METHODS: dict[str, dict[str, tuple[type, Callable]]] = {
     "factorize": {
@@ -39,6 +40,7 @@ METHODS: dict[str, dict[str, tuple[type, Callable]]] = {
         "gptaq": (GPTAQ, quantize_gptq),
         "lrq": (LRQ, quantize_window_lrq),
         "cbq": (CBQ, quantize_window_cbq),
+        "signround": (SignRound, quantize_window_signround),
     },
     "compensate": {
         "lorc": (LoRC, compensate_lorc),

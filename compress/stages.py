@@ -224,9 +224,9 @@ def prune_mlp(block: nn.Module, arch: Architecture, hidden: torch.Tensor, block_
 
 
 class LearnedQuantizer:
-    """A learned quantizer (LRQ, CBQ) as a block-level stage: at the start of each window it learns the quantized
-    weights of every targeted linear in the window from both streams; the layer stage then takes them as given.
-    Weights learned for blocks past the current one wait in `pending` ({block: {name: QuantizedWeight}})."""
+    """A learned quantizer (LRQ, CBQ, SignRound) as a block-level stage: at the start of each window it learns the
+    quantized weights of every targeted linear in the window from both streams; the layer stage then takes them as
+    given. Weights learned for blocks past the current one wait in `pending` ({block: {name: QuantizedWeight}})."""
 
     def __init__(self, config: LearnedConfig, blocks: int, pending: dict[int, dict[str, QuantizedWeight]]):
         self.config, self.pending = config, pending

@@ -6,7 +6,7 @@ from transformers import AutoConfig
 
 import compress.pipeline as pipeline
 from compress import (CBQ, GPTQ, LRQ, METHODS, RTN, SAES, SVD, SVDLLM, CompressedLinear, EoRA, LoRAP, LoRC, Recipe,
-                      compress_model, load_compressed, save_compressed)
+                      SignRound, compress_model, load_compressed, save_compressed)
 from compress.architectures import LLAMA
 from calibration import sample_windows
 from compress.models import DEMO_DIR, load_model
@@ -338,7 +338,8 @@ def test_compensation_reduces_the_quantization_error_and_eora_beats_lorc(demo_id
 
 def test_learned_quantizers_run_in_the_pipeline(tiny_model_dir):
     ids = torch.randint(0, 4000, (8, 32), generator=torch.Generator().manual_seed(5))
-    for quantizer in (LRQ(bits=3, group_size=32, iterations=5), CBQ(bits=3, group_size=32, iterations=5)):
+    for quantizer in (LRQ(bits=3, group_size=32, iterations=5), CBQ(bits=3, group_size=32, iterations=5),
+                      SignRound(bits=3, group_size=32, iterations=5)):
         result = compress_model(str(tiny_model_dir), Recipe(quantize=quantizer), calib=ids, progress=False)
         assert all(e["bits"] == 3 for e in result.report["layers"].values())
         assert len(result.report["block_output_error"]) == 2
@@ -347,9 +348,10 @@ def test_learned_quantizers_run_in_the_pipeline(tiny_model_dir):
 def test_learned_quantizers_beat_rtn_on_the_model_output(demo_ids):
     errors = demo_errors(demo_ids, {"rtn": dict(quantize=RTN(bits=3, group_size=32)),
                                     "lrq": dict(quantize=LRQ(bits=3, group_size=32, iterations=60)),
-                                    "cbq": dict(quantize=CBQ(bits=3, group_size=32, iterations=60))})
+                                    "cbq": dict(quantize=CBQ(bits=3, group_size=32, iterations=60)),
+                                    "signround": dict(quantize=SignRound(bits=3, group_size=32, iterations=60))})
     output = {name: error for name, (_, error) in errors.items()}
-    assert output["lrq"] < output["rtn"] and output["cbq"] < output["rtn"], errors
+    assert all(output[name] < output["rtn"] for name in ("lrq", "cbq", "signround")), errors
 
 
 def test_a_block_with_no_targeted_layer_passes_both_streams_through(tiny_model_dir):

@@ -1,8 +1,8 @@
 """Weight quantizers: one module per method, each with its frozen config beside it.
 
 Layer quantizers (RTN, GPTQ) take one weight and its input statistics and return a `Quantization`;
-learned quantizers (LRQ, CBQ) take a window of decoder blocks and both calibration streams and return the
-quantized weights of every linear in the window. All of them store the shared grid of kernels.grid.
+learned quantizers (LRQ, CBQ, SignRound) take a window of decoder blocks and both calibration streams and return
+the quantized weights of every linear in the window. All of them store the shared grid of kernels.grid.
 """
 from __future__ import annotations
 
