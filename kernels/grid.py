@@ -122,20 +122,31 @@ def find_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: boo
     rows, cols = weight.shape
     grouped = weight.reshape(rows, cols // group_size, group_size).float()
     wmin, wmax = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
-    scales, zeros = _range_grid(wmin, wmax, bits, symmetric)
     if clip == "minmax":
-        return scales, zeros
-    if clip != "mse":
+        return _range_grid(wmin, wmax, bits, symmetric)
+    shrink = mse_shrink(weight, bits, group_size, symmetric, clip)
+    return _range_grid(wmin * shrink, wmax * shrink, bits, symmetric)
+
+
+def mse_shrink(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "mse") -> torch.Tensor:
+    """(rows, groups) factors in [1 - MAX_SHRINK, 1]: per group, the shrink of its min-max range whose grid has the
+    least error sum |w - q|^NORM (1, the min-max grid itself, unless another is strictly better)."""
+    if clip not in CLIPS:
         raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
-    best = _group_error(grouped, scales, zeros, bits)
+    rows, cols = weight.shape
+    grouped = weight.reshape(rows, cols // group_size, group_size).float()
+    wmin, wmax = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    best_shrink = torch.ones_like(wmin)
+    if clip == "minmax":
+        return best_shrink
+    best = _group_error(grouped, *_range_grid(wmin, wmax, bits, symmetric), bits)
     for step in range(1, int(MAX_SHRINK * SHRINK_STEPS) + 1):
         shrink = 1 - step / SHRINK_STEPS
-        candidate_scales, candidate_zeros = _range_grid(wmin * shrink, wmax * shrink, bits, symmetric)
-        error = _group_error(grouped, candidate_scales, candidate_zeros, bits)
+        error = _group_error(grouped, *_range_grid(wmin * shrink, wmax * shrink, bits, symmetric), bits)
         better = error < best
         best = torch.where(better, error, best)
-        scales, zeros = torch.where(better, candidate_scales, scales), torch.where(better, candidate_zeros, zeros)
-    return scales, zeros
+        best_shrink = torch.where(better, shrink, best_shrink)
+    return best_shrink
 
 
 def _range_grid(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,

@@ -9,9 +9,10 @@ Every linear of a decoder block gets, on the shared grid of kernels.grid,
 
 weight W (out, in); min <= 0 <= max the min-max range of each (row, group) (as grid.find_params takes it);
 V (out, in) a rounding offset in [-0.5, 0.5], init 0; alpha, beta (out, groups) clip factors in [0.5, 1],
-init 1 (beta only when asymmetric). round() has a straight-through gradient, also in z, and s passes through
-fp16 (straight-through), so the loss sees exactly the scales that are stored: at the start the grid is
-find_params's and W_hat is round-to-nearest's, bit for bit.
+init 1 (beta only when asymmetric), or with the config's MSE clip the shrink grid.mse_shrink chose (at least 0.5).
+round() has a straight-through gradient, also in z, and s passes through fp16 (straight-through), so the loss sees
+exactly the scales that are stored: at the start the grid is find_params's and W_hat is round-to-nearest's, bit for
+bit (where the MSE shrink is below 0.5 the start is clipped less).
 
 All linears of one block are learned together: minimise mean((block_q(X_q) - Y_fp)^2) with X_q the
 compressed stream's inputs to the block and Y_fp the full-precision stream's outputs, by signed gradient
@@ -40,7 +41,7 @@ from torch.func import functional_call
 from compress.errors import CompressError
 from compress.quantize import GridConfig, LearnedConfig
 from compress.quantize.lrq import _first, _float32, _local_weight_names
-from kernels.grid import QuantizedWeight, make_quantized, resolve_group_size
+from kernels.grid import QuantizedWeight, make_quantized, mse_shrink, resolve_group_size
 
 FP16_MIN, FP16_MAX = 2.0**-14, 65504.0  # the range of scales the grid stores (find_params clamps to the same floor)
 V_RANGE, CLIP_RANGE = (-0.5, 0.5), (0.5, 1.0)
@@ -82,7 +83,7 @@ class SignRoundParams(nn.Module):
     """The learned quantizer of one weight (out, in): V (out, in), alpha (out, groups), and beta (out, groups)
     when asymmetric; the group minima and maxima of the weight (out, groups) are fixed buffers."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "minmax"):
         super().__init__()
         rows, cols = weight.shape
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -93,8 +94,10 @@ class SignRoundParams(nn.Module):
         self.register_buffer("wmin", wmin)
         self.register_buffer("wmax", wmax)
         self.v = nn.Parameter(torch.zeros(rows, cols, device=weight.device))
-        self.alpha = nn.Parameter(torch.ones_like(wmax))
-        self.beta = None if symmetric else nn.Parameter(torch.ones_like(wmin))
+        # the start: min-max (alpha = beta = 1), or the MSE clip's shrink where it lies in the learned range
+        start = mse_shrink(weight.float(), bits, group_size, symmetric, clip).clamp(min=CLIP_RANGE[0])
+        self.alpha = nn.Parameter(start.clone())
+        self.beta = None if symmetric else nn.Parameter(start.clone())
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales, zeros), each (out, groups) float32: the scales fp16-rounded and the zeros rounded, both
@@ -163,7 +166,7 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
     generator = torch.Generator().manual_seed(config.seed)
     weights = {name: linear.weight.detach().float() for name, linear in linears.items()}
     quantizers = {name: SignRoundParams(w, config.bits, resolve_group_size(w.shape[1], config.group_size),
-                                        config.symmetric) for name, w in weights.items()}
+                                        config.symmetric, config.clip) for name, w in weights.items()}
     # The block's own tensors, detached and in float32: no gradient reaches them, and nothing of theirs changes.
     frozen = {name: p.detach().float() for name, p in block.named_parameters()}
     frozen.update({name: b.float() if b.is_floating_point() else b for name, b in block.named_buffers()})

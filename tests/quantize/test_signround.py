@@ -59,7 +59,8 @@ def block_error(block, linears, quantized, inputs, targets, kwargs):
 def test_start_is_round_to_nearest(block_problem, symmetric):
     block, linears, inputs, targets, kwargs = block_problem
     packed = quantize_block_signround(block, linears, inputs, targets, kwargs,
-                                      SignRound(bits=3, group_size=32, iterations=0, symmetric=symmetric))
+                                      SignRound(bits=3, group_size=32, iterations=0, symmetric=symmetric,
+                                                      clip="minmax"))
     for name, linear in linears.items():
         rtn = round_to_nearest(linear.weight.detach().float(), 3, 32, symmetric)
         assert torch.equal(packed[name].ints(), rtn.ints()) and torch.equal(packed[name].scales, rtn.scales)
@@ -95,7 +96,7 @@ def test_gradients_reach_every_parameter():
 
 def test_stored_weight_is_the_best_steps_and_never_worse_than_the_start(block_problem):
     block, linears, inputs, targets, kwargs = block_problem
-    config = SignRound(bits=2, group_size=32, iterations=40, batch_size=4)
+    config = SignRound(bits=2, group_size=32, iterations=40, batch_size=4, clip="minmax")
     seen = []
     quantizers, trace = train_signround_block(block, linears, inputs, targets, kwargs, config,
                                               on_step=lambda step, loss, weights: seen.append(weights))
@@ -137,7 +138,7 @@ def test_never_worse_than_the_start(block_problem):
     block, linears, inputs, targets, kwargs = block_problem
     noisy = targets + 0.01 * torch.randn(targets.shape, generator=torch.Generator().manual_seed(2))
     noisy[3] = targets[3]
-    config = SignRound(bits=3, group_size=32, iterations=8, batch_size=1, lr=1.0)
+    config = SignRound(bits=3, group_size=32, iterations=8, batch_size=1, lr=1.0, clip="minmax")
     quantizers, trace = train_signround_block(block, linears, inputs, noisy, kwargs, config)
     assert min(trace.losses) < trace.losses[0] and trace.best_step == -1
     assert trace.final_loss == trace.start_loss
