@@ -83,7 +83,7 @@ def fake_rtn(args, model, ids):
     w = model.proj.weight.detach().reshape(8, -1, args.group_size)
     scale = w.abs().amax(-1, keepdim=True) / (2 ** (args.bits - 1) - 1)
     return dict(weights={"proj.weight": (torch.round(w / scale) * scale).reshape(8, 16)}, unquantized=[],
-                layers=[dict(rows=8, cols=16, bits=args.bits, group_size=args.group_size)], seconds=0.0,
+                layers=[dict(rows=8, cols=16, bits=args.bits, group_size=args.group_size)], seconds=(0.0, 0.0),
                 symmetric=True, actorder=None, grouping="row", notes=[], call="fake")
 
 
@@ -147,3 +147,12 @@ def test_run_peer_timeout_removes_the_partial_out(tmp_path):
     with pytest.raises(RuntimeError, match="timeout"):
         peers.run_peer(fake, "hqq", 4, 64, tmp_path, tmp_path / "ids.pt", out, threads=1, timeout=1)
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_ensure_venv_returns_a_marked_venv_at_once(tmp_path, monkeypatch):
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    (tmp_path / "venv" / peers.MARKER).write_text("{}")
+    monkeypatch.setattr(peers.subprocess, "run", lambda *a, **k: pytest.fail("ensure_venv ran a command"))
+    assert peers.ensure_venv(tmp_path / "venv") == python

@@ -1,0 +1,50 @@
+"""evaluations/bench_real.py's plumbing: recipe names, the Pareto front, and results shared by two runs."""
+import json
+
+import pytest
+
+from compress import GPTAQ, GPTQ, Calibration, CompressError, EoRA
+from evaluations.bench_real import pareto, parse_peer, parse_recipe, save
+
+CALIBRATION = Calibration(nsamples=8, seqlen=512)
+
+
+def test_recipe_names_say_every_setting():
+    recipe = parse_recipe("gptaq-w3-g64-eora64", CALIBRATION)
+    assert recipe.quantize == GPTAQ(bits=3, group_size=64) and recipe.compensate == EoRA(rank=64, factor_bits=4)
+    old = parse_recipe("gptq-w4-g128-minmax-noact", CALIBRATION).quantize
+    assert old == GPTQ(bits=4, group_size=128, clip="minmax", act_order=False, static_groups=False)
+    assert parse_recipe("gptaq-w2-g64-eora32-fp16f-a1", CALIBRATION).compensate.factor_bits is None
+    assert parse_recipe("gptaq-w2-g64-a1", CALIBRATION).quantize.alpha == 1.0
+    assert parse_peer("llmcompressor-gptq-w3-g128") == ("llmcompressor-gptq", 3, 128)
+    assert parse_peer("hqq-w2-g64") == ("hqq", 2, 64)
+
+
+@pytest.mark.parametrize("name, message", [("awq-w4-g128", "unknown recipe"), ("gptq-w4-g128-fast", "unknown option"),
+                                           ("rtn-w4-g64-a1", "alpha")])
+def test_bad_recipe_names_are_refused(name, message):
+    with pytest.raises(CompressError, match=message):
+        parse_recipe(name, CALIBRATION)
+
+
+def test_pareto_front_is_what_nothing_beats():
+    points = [(4.5, 10.0), (4.1, 11.0), (4.2, 12.0), (3.1, 15.0), (3.5, 14.0), (3.6, 16.0), (2.2, 40.0)]
+    rows = [{"name": str(i), "bits_per_weight": b, "perplexity": p} for i, (b, p) in enumerate(points)]
+    front = pareto(rows)
+    brute = [r for r in rows if all(not (o["bits_per_weight"] <= r["bits_per_weight"] and
+                                         o["perplexity"] < r["perplexity"]) for o in rows)]
+    assert front == sorted(brute, key=lambda r: r["bits_per_weight"])
+    assert [r["name"] for r in front] == ["6", "3", "4", "1", "0"]
+
+
+def test_two_runs_sharing_an_output_keep_each_others_rows(tmp_path):
+    path = tmp_path / "results.json"
+    settings = {"model": "m", "nsamples": 8}
+    first = {"settings": settings, "peer_versions": {}, "rows": []}
+    rows_a = save(path, first, {"fp": {"name": "fp"}, "a": {"name": "a"}})
+    second = {"settings": settings, "peer_versions": {"hqq": "0.2"}, "rows": []}
+    rows_b = save(path, second, {"b": {"name": "b"}})
+    assert set(rows_b) == {"fp", "a", "b"} and set(rows_a) == {"fp", "a"}
+    assert {row["name"] for row in json.loads(path.read_text())["rows"]} == {"fp", "a", "b"}
+    other = {"settings": {**settings, "nsamples": 16}, "peer_versions": {}, "rows": []}
+    assert set(save(path, other, {"c": {"name": "c"}})) == {"c"}  # other settings: the old rows are not mixed in
