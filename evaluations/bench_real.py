@@ -199,6 +199,19 @@ def table(rows: list[dict], fp: float) -> str:
     return "\n".join(lines)
 
 
+def speed(rows: list[dict]) -> str:
+    """The project's GPTQ against llm-compressor's at the same bits and group size: seconds as a ratio."""
+    by_name = {row["name"]: row for row in rows}
+    lines = ["| setting | compress gptq s | llm-compressor gptq s | ratio (llm-compressor / compress) |",
+             "|---|---|---|---|"]
+    for name, row in by_name.items():
+        peer = by_name.get("llmcompressor-" + name)
+        if name.startswith("gptq-") and peer:
+            lines.append(f"| {name[5:]} | {row['seconds']:.0f} | {peer['seconds']:.0f} | "
+                         f"{peer['seconds'] / row['seconds']:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def pareto(rows: list[dict]) -> list[dict]:
     """The rows no other row beats in both bits per weight and perplexity, by increasing bits."""
     front = [r for r in rows if not any(o["bits_per_weight"] <= r["bits_per_weight"] and
@@ -249,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peer-venv", type=Path, default=Path.home() / ".cache" / "compress" / "peers-venv")
     parser.add_argument("--rerun", action="store_true", help="recompute rows already in results.json")
+    parser.add_argument("--tables-only", action="store_true", help="only write table.md and pareto.png from the rows "
+                                                                   "results.json holds")
     parser.add_argument("--progress", action="store_true", help="progress bars of each compression")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    runs = args.runs.split(",") if args.runs else QUICK if args.quick else ABLATION if args.ablation \
-        else PROJECT + PEER_RUNS
+    runs = [] if args.tables_only else args.runs.split(",") if args.runs else QUICK if args.quick \
+        else ABLATION if args.ablation else PROJECT + PEER_RUNS
     torch.set_num_threads(args.threads)
     try:
         calibration = Calibration(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
@@ -306,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = save(path, record, rows)
     fp = rows["fp"]["perplexity"]
     scored = [row for row in rows.values() if row["name"] != "fp"]
-    (args.out / "table.md").write_text(table(scored, fp) + "\n")
+    versions = ", ".join(f"{package} {version}" for package, version in record["peer_versions"].items())
+    (args.out / "table.md").write_text(f"{table(scored, fp)}\n\nuncompressed perplexity {fp:.3f}; peers: {versions}"
+                                       f"\n\n{speed(scored)}\n")
     if scored:
         plot(scored, fp, args.out / "pareto.png", f"{Path(directory).name}: perplexity against size "
                                                    f"({args.nsamples} x {args.seqlen} calibration tokens)")
