@@ -297,13 +297,14 @@ def _quantize_llmcompressor(args, model, ids) -> dict:
     for name, module in quantized.items():
         scheme = module.quantization_scheme.weights
         assert scheme.symmetric and scheme.num_bits == args.bits and scheme.group_size == args.group_size
+        order = getattr(scheme.actorder, "value", scheme.actorder)  # "static", "weight", "group" or None
         weights[name + ".weight"] = module.weight.detach().float().cpu().clone()
         layers.append(dict(rows=module.out_features, cols=module.in_features, bits=args.bits,
-                           group_size=args.group_size, g_idx_bits=32 if scheme.actorder == "group" else 0))
+                           group_size=args.group_size, g_idx_bits=32 if order in ("group", "dynamic") else 0))
     layers += [dict(rows=linears[n].out_features, cols=linears[n].in_features, bits=16, group_size=None,
                     grouping="none") for n in indivisible]
     notes = [f"oneshot pipeline 'independent' -> {pipeline}",
-             f"observer {scheme.observer}, actorder {scheme.actorder}, dampening_frac {recipe.dampening_frac}, "
+             f"observer {scheme.observer}, actorder {order}, dampening_frac {recipe.dampening_frac}, "
              f"block_size {recipe.block_size}",
              f"calibration rows seen by the embedding: {_count_rows_seen(seen, ids)}/{ids.shape[0]}, "
              f"lengths {sorted({int(s.shape[-1]) for s in seen})}",
@@ -315,7 +316,7 @@ def _quantize_llmcompressor(args, model, ids) -> dict:
     if recipe._rtn_fallback_module_names:
         notes.append(f"RTN fallback (Hessian not PD): {recipe._rtn_fallback_module_names}")
     return dict(weights=weights, layers=layers, unquantized=indivisible, seconds=seconds, symmetric=True,
-                actorder=str(scheme.actorder), grouping="row", notes=notes,
+                actorder=order, grouping="row", notes=notes,
                 call=f"oneshot(model, dataset=Dataset(input_ids, attention_mask), recipe=GPTQModifier("
                      f"targets='Linear', ignore=['lm_head', +{len(indivisible)} indivisible], config_groups="
                      f"{{int{args.bits} symmetric group {args.group_size}}}{', actorder=None' if actorder else ''}), "
@@ -366,7 +367,8 @@ def _quantize_autoround(args, model, ids) -> dict:
              f"tuning dtype {getattr(getattr(rounder, 'model_context', None), 'amp_dtype', None)}, "
              f"scale dtype {module.scale.dtype}",
              f"calibration rows seen by the embedding: {_count_rows_seen(seen, ids)}/{ids.shape[0]}; "
-             f"tokens equal to the pad id {pad_id} (masked by AutoRound): {int((ids == pad_id).sum())}",
+             f"tokens equal to the pad id {pad_id} (masked by AutoRound): "
+             f"{int((ids == pad_id).sum()) if pad_id is not None else 'no pad id: trailing repeats are masked'}",
              f"weights rebuilt as q * fp16 scale from the tuned weights: max relative gap {worst:.2e}"]
     if any(m.in_features % args.group_size for m in linears.values()):
         notes.append(f"width not divisible by {args.group_size}: AutoRound zero-pads the last group (ragged last "

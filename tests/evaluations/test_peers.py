@@ -2,8 +2,10 @@
 and the atomic OUT of a run (a fake quantizer stands in for the peers).
 
     .venv/bin/python -m pytest -q tests/evaluations/test_peers.py
+    PEERS_VENV=/tmp/peers/venv .venv/bin/python -m pytest -q tests/evaluations/test_peers.py  # + the real peers
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -156,3 +158,33 @@ def test_ensure_venv_returns_a_marked_venv_at_once(tmp_path, monkeypatch):
     (tmp_path / "venv" / peers.MARKER).write_text("{}")
     monkeypatch.setattr(peers.subprocess, "run", lambda *a, **k: pytest.fail("ensure_venv ran a command"))
     assert peers.ensure_venv(tmp_path / "venv") == python
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PEERS_VENV"), reason="set PEERS_VENV to a peer venv (see ensure_venv)")
+@pytest.mark.parametrize("method", peers.METHODS)
+def test_peer_runs_on_a_tiny_llama(tmp_path, method):
+    """The real peers on a 2-block Llama of width 128 and MLP 192 (a ragged last group at group size 128); ~35 s for
+    the three: PEERS_VENV=/tmp/peers/venv .venv/bin/python -m pytest -q tests/evaluations/test_peers.py -k tiny"""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.models import DEMO_DIR
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_DIR / name, tmp_path / "tiny" / name)
+    torch.save(torch.randint(3, 4096, (4, 64)), tmp_path / "ids.pt")
+    python = Path(os.environ["PEERS_VENV"]) / "bin" / "python"
+    result = peers.run_peer(python, method, 4, 128, tmp_path / "tiny", tmp_path / "ids.pt", tmp_path / "out",
+                            threads=1, iters=2 if method == "autoround" else None)
+    assert result["check"]["max_levels_per_group"] <= 16 and result["check"]["changed_fraction"] > 0.9
+    downs = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert result["unquantized"] == (downs if method == "llmcompressor-gptq" else [])
+    assert len(result["layers"]) == 14 - len(result["unquantized"])
+    assert sorted(peers.apply_peer_weights(model, tmp_path / "out")) == [n + ".weight" for n in result["layers"]]
