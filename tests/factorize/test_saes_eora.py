@@ -136,7 +136,7 @@ def test_saes_with_beta_zero_is_svd_llm():
             svd_llm, damp_llm = reference.lowrank, reference.damp
             assert beta == 0.0 and damp == damp_llm
             torch.testing.assert_close(saes.weight(), svd_llm.weight(), rtol=1e-10, atol=1e-10)
-            method = factorize_saes(weight, Statistics(H, cross), rank, SAES(beta=0.0))
+            method = factorize_saes(weight, Statistics(H, cross), rank, SAES(beta=0.0, ridge=0.0))
             assert method.beta == 0.0 and method.damp == damp and torch.equal(method.lowrank.up, saes.up)
 
 
@@ -202,7 +202,7 @@ def test_aces_beta_minimises_rho_over_the_interval():
                 assert reference_rho(S, D, rank, beta) <= grid + 1e-9
                 interior += 0 < beta < beta_max
                 assert saes_lowrank(weight, gram, cross, rank, beta_max=beta_max).beta == pytest.approx(beta, abs=1e-12)
-                config = SAES(beta_min=0.0, beta_max=beta_max)
+                config = SAES(beta_min=0.0, beta_max=beta_max, ridge=0.0)  # the closed form is unridged
                 chosen = factorize_saes(weight, Statistics(gram, cross), rank, config).beta
                 assert chosen == pytest.approx(beta, abs=1e-12)
     assert interior > 0  # the stationary-point branch was exercised, not only the endpoints
