@@ -54,10 +54,11 @@ def test_gptq_beats_rtn_on_real_activations(real_layers, bits):
 def test_full_rank_lorc_recovers_the_error_and_eora_beats_lorc(real_layers):
     for name, (weight, gram) in real_layers.items():
         approx = round_to_nearest(weight, 3, 128, symmetric=False).dequantize()
-        up, down = compensation(weight, approx, Statistics(gram), LoRC(rank=min(weight.shape)), None)
+        up, down = compensation(weight, approx, Statistics(gram), LoRC(rank=min(weight.shape), factor_bits=None),
+                                 None)
         assert torch.allclose(approx + up.float() @ down.float(), weight, atol=1e-5 * weight.abs().max().item())
         errors = {}
-        for method, config in (("lorc", LoRC(rank=16)), ("eora", EoRA(rank=16))):
+        for method, config in (("lorc", LoRC(rank=16, factor_bits=None)), ("eora", EoRA(rank=16, factor_bits=None))):
             up, down = compensation(weight, approx, Statistics(gram), config, None)
             errors[method] = weighted_error(weight, approx + up.float() @ down.float(), gram)
         assert errors["eora"] < errors["lorc"] < weighted_error(weight, approx, gram), name
