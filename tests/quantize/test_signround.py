@@ -1,58 +1,27 @@
-import copy
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from calibration import block_linears, sample_windows
-from calibration.capture import capture_block_inputs, run_block
 from compress import CompressError, Recipe, SignRound
 from compress.cli import build_recipe, compress_parser
 from compress.methods import METHODS
-from compress.models import DEMO_DIR, load_model
 from compress.quantize.rtn import round_to_nearest
 from compress.quantize.signround import (SignRoundParams, quantize_block_signround, quantize_window_signround,
                                          train_signround_block)
 from kernels.grid import find_params, quantize_ints
+from tests.quantize.blocks import block_error, tiny_block_problem
+from tests.quantize.blocks import demo_block_problem as demo_block_problem_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def block_problem():
-    """A real tiny Llama block, its linears {full name: linear}, inputs (8, 16, 64), kwargs and fp outputs."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=1, vocab_size=128)
-    model = LlamaForCausalLM(config).eval()
-    block = model.model.layers[0]
-    input_ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
-    inputs, kwargs = capture_block_inputs(model, block, input_ids)
-    targets = run_block(block, inputs, kwargs)
-    linears = {f"model.layers.0.{name}": layer for name, layer in block_linears(block).items()}
-    return block, linears, inputs, targets, kwargs
+    return tiny_block_problem(16)
 
 
 @pytest.fixture(scope="module")
 def demo_block_problem():
-    """Block 0 of the trained demo model, its linears, inputs (4, 64, 256) from its calibration text, kwargs and
-    fp outputs: quality claims need weights with structure, which random ones lack."""
-    model, tokenizer, _ = load_model("demo")
-    input_ids = sample_windows(tokenizer, (DEMO_DIR / "calibration.txt").read_text(), nsamples=4, seqlen=64, seed=0)
-    block = model.model.layers[0]
-    inputs, kwargs = capture_block_inputs(model, block, input_ids)
-    targets = run_block(block, inputs, kwargs)
-    linears = {f"model.layers.0.{name}": layer for name, layer in block_linears(block).items()}
-    return block, linears, inputs, targets, kwargs
-
-
-def block_error(block, linears, quantized, inputs, targets, kwargs):
-    """Mean squared block-output error with the dequantized weights swapped in, on a copy of the block."""
-    names = {id(module): name for name, module in block.named_modules()}
-    copied = copy.deepcopy(block)
-    for full, linear in linears.items():
-        copied.get_submodule(names[id(linear)]).weight.data = quantized[full].dequantize()
-    return (run_block(copied, inputs, kwargs) - targets).pow(2).mean().item()
+    return demo_block_problem_()
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
