@@ -122,9 +122,11 @@ def find_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: boo
     rows, cols = weight.shape
     grouped = weight.reshape(rows, cols // group_size, group_size).float()
     wmin, wmax = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
     if clip == "minmax":
         return _range_grid(wmin, wmax, bits, symmetric)
-    shrink = mse_shrink(weight, bits, group_size, symmetric, clip)
+    shrink = _best_shrink(grouped, wmin, wmax, bits, symmetric)
     return _range_grid(wmin * shrink, wmax * shrink, bits, symmetric)
 
 
@@ -136,9 +138,15 @@ def mse_shrink(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
     rows, cols = weight.shape
     grouped = weight.reshape(rows, cols // group_size, group_size).float()
     wmin, wmax = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
-    best_shrink = torch.ones_like(wmin)
     if clip == "minmax":
-        return best_shrink
+        return torch.ones_like(wmin)
+    return _best_shrink(grouped, wmin, wmax, bits, symmetric)
+
+
+def _best_shrink(grouped: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """mse_shrink on grouped (rows, groups, group_size) weights whose group ranges are [wmin, wmax]."""
+    best_shrink = torch.ones_like(wmin)
     best = _group_error(grouped, *_range_grid(wmin, wmax, bits, symmetric), bits)
     for step in range(1, int(MAX_SHRINK * SHRINK_STEPS) + 1):
         shrink = 1 - step / SHRINK_STEPS
