@@ -19,19 +19,29 @@ class Statistics:
 
 class GramAccumulator:
     """Streaming float64 sums over the tokens seen: gram = sum x x^T (in, in), the token count, and with
-    `cross` also cross = sum (x_fp - x) x^T, the full-precision stream's offset (SAES-SVD's Delta)."""
+    `cross` also cross = sum (x_fp - x) x^T, the full-precision stream's offset (SAES-SVD's Delta).
 
-    def __init__(self, in_features: int, cross: bool = False, device: torch.device | str = "cpu"):
+    Each batch's product is computed in `product_dtype`: float64 where the smallest eigen-directions matter
+    (factorization, compensation); float32, about twice as fast, where damping drowns them anyway (GPTQ)."""
+
+    def __init__(self, in_features: int, cross: bool = False, device: torch.device | str = "cpu",
+                 product_dtype: torch.dtype = torch.float64):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.cross = torch.zeros_like(self.gram) if cross else None
-        self.count = 0
+        self.count, self.product_dtype = 0, product_dtype
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.gram.device, torch.float64)
-        self.gram.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1]).to(self.gram.device, self.product_dtype)
+        self._add(self.gram, x.T, x)
         if self.cross is not None:
-            self.cross.addmm_((x_fp.reshape(x.shape).to(x) - x).T, x)
+            self._add(self.cross, (x_fp.reshape(x.shape).to(x) - x).T, x)
         self.count += x.shape[0]
+
+    def _add(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        if self.product_dtype == torch.float64:
+            total.addmm_(left, right)
+        else:
+            total += left @ right
 
     def finish(self) -> Statistics:
         """The statistics, the Gram made exactly symmetric (GEMM sums may differ from their transpose in the last
@@ -83,8 +93,8 @@ def swapped(block: nn.Module, modules: dict[str, nn.Module]):
 @torch.no_grad()
 def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, block_kwargs: dict,
                      fp_hidden: torch.Tensor | None = None, cross: bool = False, fp_outputs: bool = False,
-                     originals: dict[str, nn.Module] | None = None,
-                     batch_size: int = 8) -> tuple[dict[str, Statistics], torch.Tensor | None]:
+                     originals: dict[str, nn.Module] | None = None, batch_size: int = 8,
+                     product_dtype: torch.dtype = torch.float64) -> tuple[dict[str, Statistics], torch.Tensor | None]:
     """Input statistics of groups of the block's linears (names inside the block), from running the block, batch by
     batch, on the compressed stream `hidden`. The linears of one group read the same tensor (q/k/v, gate/up): they
     share one Statistics, accumulated on the group's first linear.
@@ -93,11 +103,12 @@ def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: to
     layers of this block already compressed) put back in place: `cross` then adds each group's cross term against
     that stream, and `fp_outputs` returns the block's full-precision outputs (else None). A run stops once the
     last group's input is seen unless its output is needed. The streams may live elsewhere (CPU, half precision)
-    than the block: each batch visits the block's device.
+    than the block: each batch visits the block's device. `product_dtype`: see GramAccumulator.
     """
     device = block_device(block)
     firsts = [group[0] for group in groups]
-    accumulators = {first: GramAccumulator(block.get_submodule(first).in_features, cross, device) for first in firsts}
+    accumulators = {first: GramAccumulator(block.get_submodule(first).in_features, cross, device, product_dtype)
+                    for first in firsts}
     fp_inputs: dict[str, torch.Tensor] = {}
     phase = {"fp": True}
 

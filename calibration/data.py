@@ -24,7 +24,7 @@ def load_text(source: str | Path, max_chars: int | None = None) -> str:
     """All text of a source joined by blank lines: a local file or folder, or a `datasets` hub name.
 
     Hub names may carry a config and split as `path:config:split`; aliases: wikitext2, c4, pile.
-    Documents are kept in order until `max_chars` is reached (None: all).
+    Documents are kept in order until `max_chars` is reached, the last one cut there (None: all).
     """
     import datasets
 
@@ -47,8 +47,8 @@ def load_text(source: str | Path, max_chars: int | None = None) -> str:
     pieces, size = [], 0
     for text in dataset["text"]:
         if text:
-            pieces.append(text)
-            size += len(text)
+            pieces.append(text if max_chars is None else text[:max_chars - size])
+            size += len(pieces[-1])
             if max_chars is not None and size >= max_chars:
                 break
     if not pieces:

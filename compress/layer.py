@@ -85,6 +85,7 @@ class CompressedLinear(nn.Module):
         self.base, self.up, self.down = base, up, down
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.kernel = kernel  # which matmul serves forward (kernels.lowrank_linear): auto, reference or triton
+        self.dense_operands: dict | None = None  # see keep_dense
 
     @classmethod
     def from_parts(cls, base, up, down, bias=None, kernel: str = "auto") -> "CompressedLinear":
@@ -123,8 +124,19 @@ class CompressedLinear(nn.Module):
         """Every bit of the stored weight tensors: ints, scales, zeros and factors (not the bias)."""
         return sum(buffer.numel() * buffer.element_size() * 8 for buffer in self.buffers())
 
+    def keep_dense(self, keep: bool = True) -> None:
+        """Keep the parts dequantized, per dtype, from their first use on (keep=False: drop them): the same numbers
+        without dequantizing on every call, for as long as a dense copy's memory is affordable (compress_model:
+        while the layer's block is calibrated)."""
+        self.dense_operands = {} if keep else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.lowrank_linear(x, *self.operands(), self.bias, kernel=self.kernel)
+        if self.dense_operands is None:
+            return kernels.lowrank_linear(x, *self.operands(), self.bias, kernel=self.kernel)
+        operands = self.dense_operands.get(x.dtype)
+        if operands is None:
+            operands = self.dense_operands[x.dtype] = tuple(materialize(part, x.dtype) for part in self.operands())
+        return kernels.lowrank_linear(x, *operands, self.bias, kernel=self.kernel)
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{name}={part.spec()['kind']}"

@@ -15,6 +15,7 @@ from calibration.data import CalibrationError
 from compress.architectures import Architecture, architecture
 from compress.blocks import InMemoryBlocks, StreamedBlocks
 from compress.errors import CompressError
+from compress.layer import CompressedLinear
 from compress.factorize.saes_svd import SAES
 from compress.linalg import nonfinite_count
 from compress.models import DEMO_DIR, load_model, resolve_model
@@ -70,6 +71,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
     notes = calibration_notes(input_ids)
     cross = isinstance(recipe.factorize, SAES) or isinstance(recipe.quantize, GPTAQ)  # both streams' statistics
+    product_dtype = torch.float64 if recipe.factorize or recipe.compensate else torch.float32
     state = source.start(model, arch, input_ids, recipe)
     hidden, fp_hidden, block_kwargs = state.hidden, state.fp_hidden, state.block_kwargs
     check_finite(hidden, "the calibration inputs of the first block")
@@ -90,7 +92,8 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             # the first capture runs the block as it came (its full-precision outputs); later ones see earlier
             # groups compressed, and for SAES's cross term run the full-precision stream with `originals` back
             statistics, fp_out = group_statistics(block, groups, hidden, block_kwargs, fp_hidden if step == 0 or cross
-                                                  else None, cross, fp_outputs=step == 0, originals=originals)
+                                                  else None, cross, fp_outputs=step == 0, originals=originals,
+                                                  product_dtype=product_dtype)
             if step == 0:
                 fp_next = fp_out
                 given = bases or (learner.learn(blocks, targets, index, hidden, fp_out, block_kwargs, arch.blocks)
@@ -104,10 +107,15 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 layers[name] = record
                 if cross:
                     originals.setdefault(local, linear)
+                if kernel == "reference":  # the later captures and the block's outputs run through it several times
+                    layer.keep_dense()
                 block.set_submodule(local, layer)
         if fp_next is None:  # nothing targeted in this block: both streams run through it as it is
             fp_next = run_block(block, fp_hidden, block_kwargs)
         hidden, fp_hidden = run_block(block, hidden, block_kwargs), fp_next
+        for layer in block.modules():
+            if isinstance(layer, CompressedLinear):
+                layer.keep_dense(False)
         check_finite(hidden, f"the outputs of block {index} on the calibration windows")
         record = {"layers": {name: r.to_dict() for name, r in layers.items()},
                   "block_output_error": stream_error(hidden, fp_hidden), "seconds": round(time.time() - started, 2),

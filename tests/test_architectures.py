@@ -75,8 +75,10 @@ def test_true_sequential_groups_follow_the_data_flow(family):
 
     layer = compressed_block.get_submodule(o_proj)
     original = tiny(family, 256).get_submodule(arch.blocks)[0].get_submodule(o_proj).weight.detach().float()
-    assert output_error(original, layer.weight_approx(), grams[o_proj].gram) == pytest.approx(results[True], rel=1e-9)
-    assert results[True] != results[False]
+    # the pipeline's Gram of a quantize-only recipe sums float32 products: equal to float32 rounding
+    by_hand = output_error(original, layer.weight_approx(), grams[o_proj].gram)
+    assert by_hand == pytest.approx(results[True], rel=1e-6)
+    assert by_hand != pytest.approx(results[False], rel=1e-4)
 
 
 def test_unknown_family_is_refused_in_one_line(tmp_path, capsys, demo_tokenizer):

@@ -29,6 +29,13 @@ def test_forward_equals_dense_weight(with_base, quantized_factors, with_bias):
     assert torch.allclose(layer.weight_approx(), weight, atol=1e-5)
     assert layer.rank == rank
 
+    plain = layer(x)
+    layer.keep_dense()  # dequantized once, on the first call: the same bits on every call
+    assert torch.equal(layer(x), plain) and len(layer.dense_operands) == 1
+    assert torch.equal(layer(x), plain)
+    layer.keep_dense(False)
+    assert layer.dense_operands is None and torch.equal(layer(x), plain)
+
 
 def test_stored_bits_count_ints_scales_and_zeros():
     base = round_to_nearest(torch.randn(16, 64), 4, 32, symmetric=False)

@@ -3,7 +3,7 @@ rounding error onto the columns not yet quantized through the inverse Hessian (O
 
 Minimises the layer objective ||(W - Q) X||_F^2 = tr((W - Q) H (W - Q)^T), H = gram = sum x x^T, on
 the shared min-max grid of kernels.grid. The algorithm is the reference's `fasterquant`
-(IST-DASLab/gptq gptq.py), with the Hessian math in float64:
+(IST-DASLab/gptq gptq.py), with the Hessian math in float64 and the column loop in float32 as there:
 
   1. dead inputs (H_jj == 0): H_jj = 1 and W[:, j] = 0;
   2. act-order: process columns in order of decreasing H_jj (perm = argsort(diag H, descending));
@@ -174,6 +174,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     Hinv, damp_used, damp_raised = inverse_hessian_factor(hessian, damp)
     if cross is not None and alpha:
         W += alpha * asymmetric_shift(W, cross.to(W.device), perm, dead, Hinv)
+    W, Hinv = W.float(), Hinv.float()
     if static_groups:  # on the weight the loop starts from, in the original column order
         static_scales, static_zeros = find_params(W if perm is None else W[:, torch.argsort(perm)], bits, group_size,
                                                   symmetric, clip)

@@ -23,7 +23,9 @@ def test_local_sources_of_each_kind_give_the_same_text(tmp_path):
     expected = "\n\n".join(DOCS)
     for source in (txt_dir, tmp_path / "docs.jsonl", tmp_path / "docs.parquet"):
         assert load_text(source) == expected, source
-    assert load_text(tmp_path / "docs.jsonl", max_chars=10) == DOCS[0]
+    assert load_text(tmp_path / "docs.jsonl", max_chars=len(DOCS[0])) == DOCS[0]
+    assert load_text(tmp_path / "docs.jsonl", max_chars=len(DOCS[0]) + 5) == DOCS[0] + "\n\n" + DOCS[1][:5]
+    assert load_text(tmp_path / "one.txt", max_chars=10) == DOCS[0][:10]  # one long document is cut too
 
 
 def test_source_without_text_column_is_refused(tmp_path):
@@ -60,6 +62,20 @@ def test_gram_accumulates_in_float64_over_batches():
     acc = GramAccumulator(6)
     acc.add(batches[0].half())
     assert acc.gram.dtype == torch.float64
+
+
+def test_float32_products_sum_in_float64_to_the_gram_within_float32_rounding():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4096, 64, generator=g) * 30 + 5 for _ in range(4)]
+    exact, fast = GramAccumulator(64, cross=True), GramAccumulator(64, cross=True, product_dtype=torch.float32)
+    for batch in batches:
+        offset = torch.randn(batch.shape, generator=g) * 0.1
+        exact.add(batch, batch + offset)
+        fast.add(batch, batch + offset)
+    assert fast.gram.dtype == fast.cross.dtype == torch.float64 and fast.count == exact.count == 4 * 4096
+    for ours, reference in ((fast.gram, exact.gram), (fast.cross, exact.cross)):
+        error = (ours - reference).abs().max() / reference.abs().max()
+        assert 0 < error < 1e-6  # float32 rounding: present, and small
 
 
 class Branches(torch.nn.Module):

@@ -66,9 +66,10 @@ def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits)
     assert torch.equal(packed.ints(), result.ints)
     assert packed.ints().min() >= 0 and packed.ints().max() <= 2**bits - 1
     assert packed.symmetric == symmetric and packed.group_size == 32 and packed.shape == (16, 96)
-    # W - Q = E U with Hinv = U, so the reported loss is half the damped-Hessian error of the packed weight.
+    # W - Q = E U with Hinv = U, so the reported loss is half the damped-Hessian error of the packed weight (up to
+    # the float32 rounding of the column loop).
     direct = objective(weight, packed.dequantize(), damped(gram, info.damp)) ** 2 / 2
-    assert info.loss == pytest.approx(direct, rel=1e-6)
+    assert info.loss == pytest.approx(direct, rel=2e-5)
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
