@@ -20,6 +20,7 @@ from compress.factorize import FactorizeConfig
 from compress.methods import DEFAULT_METHODS, METHODS, config_type
 from compress.quantize import GridConfig, LearnedConfig
 from compress.quantize.gptq import GPTAQ, GPTQ
+from compress.quantize.signround import STARTS, SignRound
 from compress.recipe import Calibration, Recipe
 from kernels.grid import CLIPS
 
@@ -29,7 +30,7 @@ STAGE_FLAGS = {
     "factorize": {"rank_budget": "rank_budget", "allocate": "allocate"},
     "quantize": {"wbits": "bits", "group_size": "group_size", "sym": "symmetric", "clip": "clip",
                  "act_order": "act_order", "static_groups": "static_groups", "damp": "damp", "alpha": "alpha",
-                 "iterations": "iterations"},
+                 "iterations": "iterations", "start": "start"},
     "compensate": {"compensate_rank": "rank", "compensate_bits": "factor_bits"},
 }
 CALIBRATION_FLAGS = {"calib": "source", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
@@ -74,6 +75,9 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--iterations", type=int,
                        help=f"learned quantizers (lrq, cbq, signround): optimisation steps per window "
                             f"(default {LearnedConfig.iterations})")
+    group.add_argument("--start", choices=STARTS,
+                       help=f"SignRound: what the learned rounding starts from, round-to-nearest or GPTQ's result "
+                            f"(default {SignRound.start})")
     group.add_argument("--compensate", choices=METHODS["compensate"],
                        help=f"add a low-rank compensation of the quantization error "
                             f"(default {DEFAULT_METHODS['compensate']})")

@@ -19,7 +19,7 @@ from compress.quantize import GridConfig, LearnedConfig
 LEGACY_DEFAULTS = {"act_order": False, "static_groups": False, "damp": 0.01, "rank": None, "iterations": 200,
                    "lr": 1e-3, "seed": 0, "window": 2, "overlap": 1, "beta": None, "beta_min": 0.25, "beta_max": 0.75}
 # Keys added to the configs since recipes were first written, with the value a recipe without them ran with.
-ADDED_KEYS = {"clip": "minmax", "ridge": 0.0}
+ADDED_KEYS = {"clip": "minmax", "ridge": 0.0, "start": "rtn"}
 STAGE_TYPES = {"factorize": FactorizeConfig, "quantize": GridConfig, "compensate": CompensateConfig}
 
 

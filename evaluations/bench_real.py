@@ -15,7 +15,8 @@ The peers run as their users run them, in a virtual environment of their own tha
 Recipe names: `METHOD-wBITS-gGROUP[-OPTION...]`, METHOD one of the project's quantizers (rtn, gptq, gptaq, lrq, cbq,
 signround); options: `minmax` (no clip search), `noact` (no act-order, dynamic groups), `sym`, `a1` (GPTAQ's alpha
 1), `eoraR` / `lorcR` (compensation of rank R, 4-bit factors), `fp16f` (compensation factors kept in fp16), `itN`
-(learned quantizers: N iterations). Peers: `llmcompressor-gptq-wB-gG`, `autoround-wB-gG`, `hqq-wB-gG`.
+(learned quantizers: N iterations), `fromgptq` (SignRound started from GPTQ's result). Peers:
+`llmcompressor-gptq-wB-gG`, `autoround-wB-gG`, `hqq-wB-gG`.
 
 Output under --out (default evaluations/results/bench_real/<model name>): results.json (rows are added as they
 finish; a rerun with the same settings keeps the rows it already has unless --rerun), table.md and pareto.png.
@@ -84,6 +85,8 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
             fields["iterations"] = int(option[2:])
         elif option.startswith(("eora", "lorc")) and option[4:].isdigit():
             compensate = (EoRA if option.startswith("eora") else LoRC, int(option[4:]))
+        elif option == "fromgptq":
+            fields["start"] = "gptq"
         elif option == "fp16f":
             factor_bits = None
         else:

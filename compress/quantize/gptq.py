@@ -95,7 +95,8 @@ class GPTQResult:
 
     ints: (out, in) int32 in [0, 2**bits); scales: (out, groups) float32 (fp16-representable);
     zeros: (out, groups) int32; g_idx: (in,) int64 group of each column; dequantized: (out, in) float32,
-    the Q the loop used, equal to scales[:, g_idx] * (ints - zeros[:, g_idx]).
+    the Q the loop used, equal to scales[:, g_idx] * (ints - zeros[:, g_idx]); updated: (out, in) float32, each
+    column as the loop rounded it (W with the earlier columns' errors pushed on; ints is its rounding).
     """
 
     ints: torch.Tensor
@@ -104,6 +105,7 @@ class GPTQResult:
     g_idx: torch.Tensor
     dequantized: torch.Tensor
     info: GPTQInfo
+    updated: torch.Tensor | None = None
 
 
 def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float, bool]:
@@ -190,6 +192,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         scales = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
         zeros = torch.zeros(rows, groups, dtype=torch.int32, device=W.device)
     losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    updated = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # processing order
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -205,17 +208,18 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         ints[:, i1:i2], Q[:, i1:i2], Err1, block_losses = kernels.gptq_block(
             W[:, i1:i2], Hinv[i1:i2, i1:i2], scales[:, column_groups], zeros[:, column_groups], bits)
         losses += block_losses
+        updated[:, i1:i2] = Q[:, i1:i2] + Err1 * Hinv[i1:i2, i1:i2].diagonal()  # err = (w - q) / Hinv_ii
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (out, in) temporary
 
     g_idx = torch.arange(cols, device=W.device) // group_size
     if act_order:
         invperm = torch.argsort(perm)
-        ints, Q = ints[:, invperm], Q[:, invperm]
+        ints, Q, updated = ints[:, invperm], Q[:, invperm], updated[:, invperm]
         if not static_groups:
             g_idx = invperm // group_size  # original column j was processed at position invperm[j]
     info = GPTQInfo(damp=damp_used, damp_raised=damp_raised, loss=losses.sum().item(),
                     g_idx=g_idx if act_order and not static_groups and groups > 1 else None)
-    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info)
+    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info, updated=updated)
 
 
 def asymmetric_shift(W: torch.Tensor, cross: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor,

@@ -23,6 +23,10 @@ mini-batch loss are kept (the loss of a step is that of the parameters before it
 candidate). The forward pass runs the block through torch.func.functional_call with the quantized weights
 substituted, so the block itself is never modified and its weights get no gradient.
 
+Started from GPTQ (start "gptq", not in the paper): V = 0 rounds GPTQ's error-updated weight instead of W, so the
+start is GPTQ's result (where the grid is GPTQ's, see gptq_bases) and each weight may still move one grid step either
+way from GPTQ's choice.
+
 Not in AutoRound: the mini-batch losses of different steps are on different windows, so the kept state is then
 compared with the start on all the windows (one forward pass each) and the start is kept when it is not worse;
 the block's loss on the calibration windows is therefore never above round-to-nearest's on the min-max grid.
@@ -40,29 +44,35 @@ from torch.func import functional_call
 
 from compress.errors import CompressError
 from compress.quantize import GridConfig, LearnedConfig
+from compress.quantize.gptq import run_gptq
 from compress.quantize.lrq import _first, _float32, _local_weight_names
 from kernels.grid import QuantizedWeight, make_quantized, mse_shrink, resolve_group_size
 
 FP16_MIN, FP16_MAX = 2.0**-14, 65504.0  # the range of scales the grid stores (find_params clamps to the same floor)
 V_RANGE, CLIP_RANGE = (-0.5, 0.5), (0.5, 1.0)
+STARTS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
 class SignRound(LearnedConfig):
     """SignRound on the grid of GridConfig, learned one block at a time, with AutoRound's defaults: `iterations`
     signed-gradient steps at learning rate `lr` (None: 1 / iterations) falling linearly to 0, on batches of
-    `batch_size` calibration windows drawn with `seed`."""
+    `batch_size` calibration windows drawn with `seed`. start: what V = 0 rounds, the weight ("rtn") or GPTQ's
+    error-updated weight ("gptq": the start is then GPTQ's result, see gptq_bases)."""
 
     iterations: int = 200
     lr: float | None = None
     batch_size: int = 8
     seed: int = 0
+    start: str = "rtn"
 
     def __post_init__(self):
         GridConfig.__post_init__(self)  # LearnedConfig's check needs a number for lr
         if self.iterations < 0 or self.batch_size < 1 or not (self.lr is None or self.lr > 0):
             raise CompressError(f"SignRound needs iterations >= 0, lr > 0 (or None: 1 / iterations) and "
                                 f"batch_size >= 1, got {self.iterations}, {self.lr}, {self.batch_size}")
+        if self.start not in STARTS:
+            raise CompressError(f"SignRound start must be one of {', '.join(STARTS)}, got {self.start!r}")
 
     @property
     def step_size(self) -> float:
@@ -83,10 +93,13 @@ class SignRoundParams(nn.Module):
     """The learned quantizer of one weight (out, in): V (out, in), alpha (out, groups), and beta (out, groups)
     when asymmetric; the group minima and maxima of the weight (out, groups) are fixed buffers."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "minmax"):
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str = "minmax",
+                 base: torch.Tensor | None = None):
         super().__init__()
         rows, cols = weight.shape
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        # what is rounded: the weight, or GPTQ's error-updated weight (its start is then GPTQ's result)
+        self.register_buffer("base", (weight if base is None else base).float().clone())
         grouped = weight.float().reshape(rows, cols // group_size, group_size)
         wmin, wmax = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
         if symmetric:
@@ -112,26 +125,25 @@ class SignRoundParams(nn.Module):
             return scales, torch.full_like(scales, 2 ** (self.bits - 1))
         return scales, _round_ste(-low / scales).clamp(0, maxq)
 
-    def rounded(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-        """The grid integers clamp(round(W / s + V) + z, 0, 2^b - 1), (out, groups, group_size) float32,
-        straight-through."""
-        rows, cols = weight.shape
-        grouped = weight.reshape(rows, -1, self.group_size) / scales.unsqueeze(-1)
+    def rounded(self, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """The grid integers clamp(round(B / s + V) + z, 0, 2^b - 1) of the base B, (out, groups, group_size)
+        float32, straight-through."""
+        rows, cols = self.base.shape
+        grouped = self.base.reshape(rows, -1, self.group_size) / scales.unsqueeze(-1)
         x = _round_ste(grouped + self.v.reshape(rows, -1, self.group_size))
         return torch.clamp(x + zeros.unsqueeze(-1), 0, 2**self.bits - 1)
 
-    def weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W_hat (out, in) float32, differentiable in V, alpha, beta; equal, bit for bit, to fold(weight)
-        dequantized."""
+    def weight(self) -> torch.Tensor:
+        """W_hat (out, in) float32, differentiable in V, alpha, beta; equal, bit for bit, to fold() dequantized."""
         scales, zeros = self.grid()
-        q = self.rounded(weight, scales, zeros)
-        return ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(weight.shape)  # as grid.dequantize
+        q = self.rounded(scales, zeros)
+        return ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(self.base.shape)  # as grid.dequantize
 
     @torch.no_grad()
-    def fold(self, weight: torch.Tensor) -> QuantizedWeight:
+    def fold(self) -> QuantizedWeight:
         """The packed weight: ints, fp16 scales, zeros."""
         scales, zeros = self.grid()
-        ints = self.rounded(weight, scales, zeros).reshape(weight.shape).to(torch.int32)
+        ints = self.rounded(scales, zeros).reshape(self.base.shape).to(torch.int32)
         return make_quantized(ints, scales, zeros.to(torch.int32), self.bits, self.symmetric)
 
     @torch.no_grad()
@@ -165,8 +177,11 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
     local = _local_weight_names(block, linears)
     generator = torch.Generator().manual_seed(config.seed)
     weights = {name: linear.weight.detach().float() for name, linear in linears.items()}
-    quantizers = {name: SignRoundParams(w, config.bits, resolve_group_size(w.shape[1], config.group_size),
-                                        config.symmetric, config.clip) for name, w in weights.items()}
+    group_sizes = {name: resolve_group_size(w.shape[1], config.group_size) for name, w in weights.items()}
+    bases = gptq_bases(block, linears, weights, group_sizes, inputs, block_kwargs, config) \
+        if config.start == "gptq" else {}
+    quantizers = {name: SignRoundParams(w, config.bits, group_sizes[name], config.symmetric, config.clip,
+                                        bases.get(name)) for name, w in weights.items()}
     # The block's own tensors, detached and in float32: no gradient reaches them, and nothing of theirs changes.
     frozen = {name: p.detach().float() for name, p in block.named_parameters()}
     frozen.update({name: b.float() if b.is_floating_point() else b for name, b in block.named_buffers()})
@@ -177,7 +192,7 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
         return quantizers, trace
 
     def quantized() -> dict[str, torch.Tensor]:
-        return {local[name]: q.weight(weights[name]) for name, q in quantizers.items()}
+        return {local[name]: q.weight() for name, q in quantizers.items()}
 
     def loss_on(batch: torch.Tensor, substituted: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs[batch].to(device, torch.float32)
@@ -240,6 +255,22 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
     return quantizers, trace
 
 
+def gptq_bases(block: nn.Module, linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor],
+               group_sizes: dict[str, int], inputs: torch.Tensor, block_kwargs: dict,
+               config: SignRound) -> dict[str, torch.Tensor]:
+    """{name: GPTQ's error-updated weight} of each linear: GPTQ (act-order, static groups, 1% damping) against the
+    input Gram of the block run on `inputs`, each column as the loop rounded it. Rounded on the grid of the
+    weight's own range (what SignRoundParams starts from), it gives GPTQ's integers wherever that grid is GPTQ's,
+    that is wherever the MSE shrink is at least CLIP_RANGE[0]."""
+    from calibration import record_grams, run_block
+
+    with record_grams(linears) as grams:
+        run_block(block, inputs, block_kwargs)
+    return {name: run_gptq(weights[name], grams[name].gram, config.bits, group_sizes[name], config.symmetric,
+                           act_order=True, static_groups=True, clip=config.clip).updated
+            for name in linears}
+
+
 def quantize_block_signround(block: nn.Module, linears: dict[str, nn.Linear], inputs: torch.Tensor,
                              targets: torch.Tensor, block_kwargs: dict,
                              config: SignRound) -> dict[str, QuantizedWeight]:
@@ -250,7 +281,7 @@ def quantize_block_signround(block: nn.Module, linears: dict[str, nn.Linear], in
     hidden states. The block's weights are left as they were.
     """
     quantizers, _ = train_signround_block(block, linears, inputs, targets, block_kwargs, config)
-    return {name: q.fold(linears[name].weight.detach().float()) for name, q in quantizers.items()}
+    return {name: q.fold() for name, q in quantizers.items()}
 
 
 def quantize_window_signround(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]], inputs: torch.Tensor,

@@ -58,6 +58,10 @@ def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits)
     result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs, block_size=40)
     info = result.info
     assert isinstance(info, GPTQInfo)
+    # `updated` is what the loop rounded: each column on its grid gives the ints, and it is not the weight itself
+    column_scales, column_zeros = result.scales[:, result.g_idx], result.zeros[:, result.g_idx]
+    rounded = (torch.round(result.updated / column_scales) + column_zeros).clamp(0, 2**bits - 1)
+    assert torch.equal(rounded.int(), result.ints) and not torch.allclose(result.updated, weight)
     quantization = quantize_gptq(weight, gram, GPTQ(bits=bits, group_size=32, symmetric=symmetric, **kwargs),
                                  block_size=40)
     packed = quantization.weight

@@ -43,22 +43,22 @@ def test_weight_matches_the_packed_weight_for_any_parameters(bits, group_size, s
     q = SignRoundParams(weight, bits, group_size, symmetric)
     scales, zeros = find_params(weight, bits, group_size, symmetric)
     with torch.no_grad():
-        assert torch.equal(q.weight(weight), round_to_nearest(weight, bits, group_size, symmetric).dequantize())
+        assert torch.equal(q.weight(), round_to_nearest(weight, bits, group_size, symmetric).dequantize())
         q.v.uniform_(-0.5, 0.5, generator=g)
         q.alpha.uniform_(0.5, 1, generator=g)
         if q.beta is not None:
             q.beta.uniform_(0.5, 1, generator=g)
-        packed = q.fold(weight)
+        packed = q.fold()
         ints = packed.ints()
         assert ints.min() >= 0 and ints.max() <= 2**bits - 1
-        assert torch.equal(packed.dequantize(), q.weight(weight))
+        assert torch.equal(packed.dequantize(), q.weight())
         assert not torch.equal(ints, quantize_ints(weight, scales, zeros, bits))
 
 
 def test_gradients_reach_every_parameter():
     weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
     q = SignRoundParams(weight, bits=3, group_size=16, symmetric=False)
-    (q.weight(weight) * torch.randn(8, 32)).sum().backward()
+    (q.weight() * torch.randn(8, 32)).sum().backward()
     for name, p in q.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -69,7 +69,7 @@ def test_stored_weight_is_the_best_steps_and_never_worse_than_the_start(block_pr
     seen = []
     quantizers, trace = train_signround_block(block, linears, inputs, targets, kwargs, config,
                                               on_step=lambda step, loss, weights: seen.append(weights))
-    packed = {name: q.fold(linears[name].weight.detach().float()) for name, q in quantizers.items()}
+    packed = {name: q.fold() for name, q in quantizers.items()}
     assert len(trace.losses) == len(seen) == 40
     assert trace.best_step > 0, "training found nothing better than the start"
     assert trace.losses[trace.best_step] == min(trace.losses)
@@ -113,7 +113,7 @@ def test_never_worse_than_the_start(block_problem):
     assert trace.final_loss == trace.start_loss
     for name, q in quantizers.items():
         rtn = round_to_nearest(linears[name].weight.detach().float(), 3, 32, False)
-        packed = q.fold(linears[name].weight.detach().float())
+        packed = q.fold()
         assert torch.equal(packed.ints(), rtn.ints()) and torch.equal(packed.scales, rtn.scales)
 
 
@@ -157,3 +157,29 @@ def test_recipe_and_cli_round_trip(tmp_path):
             path.write_text(text)
             assert Recipe.load(path) == recipe and type(Recipe.load(path).quantize) is SignRound
     assert "method: signround" in recipe.to_yaml()
+
+
+def test_started_from_gptq_it_starts_at_gptq_and_never_ends_worse(block_problem):
+    """start "gptq": with no step the result is GPTQ's, bit for bit (GPTQ against the Gram of the block's own
+    inputs, on the min-max grid); after training the block error is at most GPTQ's."""
+    from calibration import record_grams, run_block
+    from compress.quantize.gptq import GPTQ, quantize_gptq
+
+    block, linears, inputs, targets, kwargs = block_problem
+    with record_grams(linears) as grams:
+        run_block(block, inputs, kwargs)
+    gptq = {name: quantize_gptq(linear.weight.detach().float(), grams[name].gram,
+                                GPTQ(bits=3, group_size=32, clip="minmax")).weight for name, linear in linears.items()}
+    start = quantize_block_signround(block, linears, inputs, targets, kwargs,
+                                     SignRound(bits=3, group_size=32, iterations=0, clip="minmax", start="gptq"))
+    for name in linears:
+        assert torch.equal(start[name].ints(), gptq[name].ints()) and torch.equal(start[name].scales, gptq[name].scales)
+    gptq_error = block_error(block, linears, gptq, inputs, targets, kwargs)
+    for iterations, batch_size, improves in ((8, 1, False), (100, 2, True)):  # too few steps: GPTQ's result is kept
+        config = SignRound(bits=3, group_size=32, iterations=iterations, batch_size=batch_size, lr=1.0 / 100,
+                           clip="minmax", start="gptq")
+        learned = quantize_block_signround(block, linears, inputs, targets, kwargs, config)
+        error = block_error(block, linears, learned, inputs, targets, kwargs)
+        assert error < gptq_error if improves else error <= gptq_error
+    with pytest.raises(CompressError, match="start must be one of"):
+        SignRound(start="hqq")
