@@ -149,7 +149,9 @@ def run_compress(argv: list[str]) -> int:
     from compress.formats.native import check_out, load_compressed, save_compressed
     from compress.pipeline import compress_model, compress_to_directory
     from compress.streaming import has_shards, work_directory
-    from evaluations.perplexity import text_perplexity
+    from transformers import AutoTokenizer
+
+    from evaluations.perplexity import cached_perplexity, text_perplexity
     from evaluations.plots import plot_ranks
 
     args = compress_parser().parse_args(argv)
@@ -160,9 +162,15 @@ def run_compress(argv: list[str]) -> int:
     ppl_source = None if args.no_eval_ppl else (args.eval_ppl or ("demo" if args.model == "demo" else None))
     original = ppl_tokenizer = None
     if ppl_source:
-        model, ppl_tokenizer, _ = load_model(args.model)
-        original = text_perplexity(model, ppl_tokenizer, ppl_source)
-        del model
+        loaded = {}
+
+        def evaluate() -> dict:
+            model, loaded["tokenizer"], _ = load_model(args.model)
+            return text_perplexity(model, loaded["tokenizer"], ppl_source)
+
+        resolved = resolve_model(args.model)
+        original = cached_perplexity(resolved, ppl_source, evaluate)  # a local model's score is kept
+        ppl_tokenizer = loaded.get("tokenizer") or AutoTokenizer.from_pretrained(resolved)
 
     def extras(directory: Path, compressed, model=None) -> None:
         """Perplexity after (of the output as written) and the rank plot, added before the output is moved in place."""

@@ -1,14 +1,17 @@
 """Perplexity over non-overlapping windows of a text (the GPTQ / SVD-LLM protocol)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from calibration import load_text
-from compress.models import DEMO_DIR
+from compress.models import DEMO_DIR, cache_root
 
 DEMO_HELDOUT = DEMO_DIR / "heldout.txt"
 
@@ -47,3 +50,27 @@ def text_perplexity(model, tokenizer, source: str | Path, seqlen: int | None = N
                        dtype=torch.long)
     return {"perplexity": perplexity(model, ids, seqlen, progress=progress), "source": str(source),
             "seqlen": seqlen, "tokens": (len(ids) // seqlen) * seqlen}
+
+
+def cached_perplexity(model_dir: str | Path, source: str | Path, evaluate: Callable[[], dict]) -> dict:
+    """evaluate() (a text_perplexity of the uncompressed model in `model_dir` on `source`), kept under
+    cache_root()/perplexity and reused while the model's files (names, sizes, modification times), the text and
+    torch's version are the same: every run on one model would otherwise score the same original again. A model
+    that is not a local directory (a hub id) is evaluated every time."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return evaluate()
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.iterdir() if f.is_file())
+    text = DEMO_HELDOUT if str(source) == "demo" else Path(source).expanduser()
+    text_key = text.read_bytes() if text.is_file() else str(source).encode()  # a hub name or a folder: its name
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), files, torch.__version__]).encode()
+                         + hashlib.sha256(text_key).digest()).hexdigest()[:24]
+    path = cache_root() / "perplexity" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = evaluate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result))
+    temporary.replace(path)
+    return result
