@@ -127,3 +127,45 @@ def lorap_attention_ranks(shapes: dict[str, tuple[int, int]], budget: float,
     dense_vo = None in ranks.values()
     ranks.update(pair_ranks(("q_proj", "k_proj"), total - cost(ranks) if dense_vo else shared / (1 + ratio)))
     return {name: ranks[name] for name in LORAP_ATTENTION}
+
+
+def choose_forms(bits: list[list[int]], errors: list[list[float]], budget: int,
+                 units: int = 8192) -> tuple[list[int], float]:
+    """One form per layer, total stored bits <= `budget`, least summed error: the multiple-choice knapsack.
+
+    bits[i][j], errors[i][j]: layer i's form j. Solved exactly by dynamic programming over the budget cut into
+    `units` equal steps, each form's bits rounded *up* to whole steps, so that any choice the table allows meets
+    the budget in exact bits; the rounding can only exclude choices within one step per layer of the budget.
+    Returns (the chosen form of each layer, the summed error); ValueError when even the smallest forms exceed
+    the budget.
+    """
+    if len(bits) != len(errors) or any(len(b) != len(e) or not b for b, e in zip(bits, errors)):
+        raise ValueError("every layer needs a non-empty menu, with one error per form")
+    if sum(min(b) for b in bits) > budget:
+        raise ValueError(f"the smallest forms take {sum(min(b) for b in bits)} bits, over the budget of {budget}")
+    step = budget / units
+    best = torch.zeros(units + 1, dtype=torch.float64)  # best[u]: least error of the layers so far in <= u steps
+    choices = []
+    for layer_bits, layer_errors in zip(bits, errors):
+        new = torch.full_like(best, math.inf)
+        choice = torch.zeros(units + 1, dtype=torch.int32)
+        for j, (form_bits, error) in enumerate(zip(layer_bits, layer_errors)):
+            cost = math.ceil(form_bits / step - 1e-9)
+            if cost > units:
+                continue
+            candidate = torch.full_like(best, math.inf)
+            candidate[cost:] = best[:units + 1 - cost] + error
+            better = candidate < new
+            new = torch.where(better, candidate, new)
+            choice[better] = j
+        best = new
+        choices.append(choice)
+    if not math.isfinite(best[units].item()):
+        raise ValueError(f"no choice of forms fits {budget} bits at a resolution of {units} steps; raise `units`")
+    chosen, left = [], units
+    for layer_bits, choice in zip(reversed(bits), reversed(choices)):
+        j = int(choice[left])
+        chosen.append(j)
+        left -= math.ceil(layer_bits[j] / step - 1e-9)
+    chosen.reverse()
+    return chosen, sum(errors[i][j] for i, j in enumerate(chosen))
