@@ -210,6 +210,17 @@ def dequantize(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gr
     return (grouped * scales.float().unsqueeze(-1)).reshape(rows, cols)
 
 
+def quantized_bits(rows: int, cols: int, bits: int, group_size: int, symmetric: bool, g_idx: bool = False) -> int:
+    """Every stored bit of make_quantized's result for a (rows, cols) weight, without building it: the packed ints,
+    fp16 scales, packed zeros (asymmetric) and int32 g_idx; group_size must divide cols."""
+    def words(values: int) -> int:  # int32 words holding `values` packed b-bit values
+        return -(-values // WORD) * bits
+
+    groups = cols // group_size
+    return 32 * (rows * words(cols) + (0 if symmetric else groups * words(rows)) + (cols if g_idx else 0)) \
+        + 16 * rows * groups
+
+
 def make_quantized(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, symmetric: bool,
                    g_idx: torch.Tensor | None = None) -> QuantizedWeight:
     """Pack ints (rows, cols) with their (rows, groups) scales and zeros (and g_idx) into a QuantizedWeight."""

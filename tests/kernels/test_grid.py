@@ -70,3 +70,18 @@ def test_invalid_grids_are_refused():
         with pytest.raises(CompressError):
             RTN(**kwargs)
     assert RTN() == RTN(bits=4, group_size=128, symmetric=False)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantized_bits_counts_what_make_quantized_stores(bits, symmetric):
+    from kernels.grid import make_quantized, quantized_bits
+
+    for rows, cols, group_size in ((40, 96, 32), (33, 64, 64), (7, 200, 8)):
+        ints = torch.randint(0, 2**bits, (rows, cols), dtype=torch.int32)
+        groups = cols // group_size
+        scales, zeros = torch.rand(rows, groups) + 0.1, torch.randint(0, 2**bits, (rows, groups), dtype=torch.int32)
+        for g_idx in (None, torch.arange(cols) // group_size):
+            packed = make_quantized(ints, scales, zeros, bits, symmetric, g_idx)
+            stored = sum(t.numel() * t.element_size() * 8 for t in packed.tensors().values())
+            assert quantized_bits(rows, cols, bits, group_size, symmetric, g_idx is not None) == stored
