@@ -16,7 +16,8 @@ Recipe names: `METHOD-wBITS-gGROUP[-OPTION...]`, METHOD one of the project's qua
 signround); options: `minmax` (no clip search), `noact` (no act-order, dynamic groups), `sym`, `a1` (GPTAQ's alpha
 1), `eoraR` / `lorcR` (compensation of rank R, 4-bit factors), `fp16f` (compensation factors kept in fp16), `itN`
 (learned quantizers: N iterations), `fromgptq` (SignRound started from GPTQ's result). Peers:
-`llmcompressor-gptq-wB-gG`, `autoround-wB-gG`, `hqq-wB-gG`.
+`llmcompressor-gptq-wB-gG`, `autoround-wB-gG` (`-light`: its light recipe, 50 iterations at lr 5e-3),
+`hqq-wB-gG`.
 
 Output under --out (default evaluations/results/bench_real/<model name>): results.json (rows are added as they
 finish; a rerun with the same settings keeps the rows it already has unless --rerun), table.md and pareto.png.
@@ -104,11 +105,22 @@ def is_peer(name: str) -> bool:
     return name.startswith(PEERS)
 
 
+# AutoRound's "light" recipe (its README): 50 iterations at lr 5e-3, for `autoround-wB-gG-light`
+LIGHT = {"iters": 50, "lr": 5e-3}
+
+
 def parse_peer(name: str) -> tuple[str, int, int]:
-    """(method, bits, group size) of a peer run name such as llmcompressor-gptq-w4-g128."""
+    """(method, bits, group size) of a peer run name such as llmcompressor-gptq-w4-g128 (or autoround-w3-g128-light:
+    see peer_options)."""
     method = next(peer for peer in PEERS if name.startswith(peer + "-"))
-    options = dict((part[0], int(part[1:])) for part in name[len(method) + 1:].split("-"))
+    parts = [part for part in name[len(method) + 1:].split("-") if not (method == "autoround" and part == "light")]
+    options = dict((part[0], int(part[1:])) for part in parts)
     return method, options["w"], options["g"]
+
+
+def peer_options(name: str) -> dict:
+    """The peer's settings beyond its defaults that the name asks for: AutoRound's light recipe."""
+    return LIGHT if name.startswith("autoround-") and name.endswith("-light") else {}
 
 
 def commit() -> str:
@@ -168,7 +180,8 @@ def run_project(name: str, args, directory: str, calib_ids: torch.Tensor, eval_i
 def run_peer(name: str, args, directory: str, calib_path: Path, eval_ids: torch.Tensor, python: Path) -> dict:
     method, bits, group_size = parse_peer(name)
     work = args.out / "peers" / name
-    result = peers.run_peer(python, method, bits, group_size, directory, calib_path, work, args.threads)
+    result = peers.run_peer(python, method, bits, group_size, directory, calib_path, work, args.threads,
+                            **peer_options(name))
     model, _, _ = load_model(directory)
     swap_weights(model, work / "weights.safetensors")
     ppl = perplexity(model, eval_ids, args.seqlen, progress=False)

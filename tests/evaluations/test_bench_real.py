@@ -4,7 +4,7 @@ import json
 import pytest
 
 from compress import GPTAQ, GPTQ, Calibration, CompressError, EoRA
-from evaluations.bench_real import pareto, parse_peer, parse_recipe, save
+from evaluations.bench_real import pareto, parse_peer, parse_recipe, peer_options, save
 
 CALIBRATION = Calibration(nsamples=8, seqlen=512)
 
@@ -18,6 +18,8 @@ def test_recipe_names_say_every_setting():
     assert parse_recipe("gptaq-w2-g64-a1", CALIBRATION).quantize.alpha == 1.0
     assert parse_peer("llmcompressor-gptq-w3-g128") == ("llmcompressor-gptq", 3, 128)
     assert parse_peer("hqq-w2-g64") == ("hqq", 2, 64)
+    assert parse_peer("autoround-w3-g128-light") == ("autoround", 3, 128)
+    assert peer_options("autoround-w3-g128-light") == {"iters": 50, "lr": 5e-3} and not peer_options("hqq-w2-g64")
 
 
 @pytest.mark.parametrize("name, message", [("awq-w4-g128", "unknown recipe"), ("gptq-w4-g128-fast", "unknown option"),
