@@ -144,13 +144,17 @@ def choose_forms(bits: list[list[int]], errors: list[list[float]], budget: int,
     if sum(min(b) for b in bits) > budget:
         raise ValueError(f"the smallest forms take {sum(min(b) for b in bits)} bits, over the budget of {budget}")
     step = budget / units
+
+    def steps(form_bits: int) -> int:  # rounded up: a choice within `units` steps is within the budget
+        return math.ceil(form_bits / step - 1e-9)
+
     best = torch.zeros(units + 1, dtype=torch.float64)  # best[u]: least error of the layers so far in <= u steps
     choices = []
     for layer_bits, layer_errors in zip(bits, errors):
         new = torch.full_like(best, math.inf)
         choice = torch.zeros(units + 1, dtype=torch.int32)
         for j, (form_bits, error) in enumerate(zip(layer_bits, layer_errors)):
-            cost = math.ceil(form_bits / step - 1e-9)
+            cost = steps(form_bits)
             if cost > units:
                 continue
             candidate = torch.full_like(best, math.inf)
@@ -166,6 +170,6 @@ def choose_forms(bits: list[list[int]], errors: list[list[float]], budget: int,
     for layer_bits, choice in zip(reversed(bits), reversed(choices)):
         j = int(choice[left])
         chosen.append(j)
-        left -= math.ceil(layer_bits[j] / step - 1e-9)
+        left -= steps(layer_bits[j])
     chosen.reverse()
     return chosen, sum(errors[i][j] for i, j in enumerate(chosen))
