@@ -23,6 +23,7 @@ class Architecture:
     attention: tuple[str, ...] = ()
     mlp: tuple[str, ...] = ()
     embeddings: str = "model.embed_tokens"
+    norm: str = "model.norm"
     head: str = "lm_head"
 
     @property

@@ -7,6 +7,7 @@ interrupted run finished, restore.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,22 @@ class InMemoryBlocks:
         return model.get_submodule(name).weight.detach()
 
     def start(self, model: nn.Module, arch: Architecture, input_ids: torch.Tensor, recipe) -> Start:
-        hidden, block_kwargs = capture_block_inputs(model, model.get_submodule(arch.blocks)[0], input_ids)
+        hidden, block_kwargs = self.block_inputs(model, arch, input_ids)
         return Start(0, hidden, hidden, block_kwargs, {})
+
+    def block_inputs(self, model: nn.Module, arch: Architecture, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The first block's inputs for `input_ids`, and the keyword arguments every block receives."""
+        return capture_block_inputs(model, model.get_submodule(arch.blocks)[0], input_ids)
+
+    def head(self, model: nn.Module, arch: Architecture):
+        """A context in which the final norm and the head hold their weights."""
+        return nullcontext()
 
     def load(self, model: nn.Module, arch: Architecture, indices: range) -> None:
         pass
+
+    def unload(self, model: nn.Module, arch: Architecture, index: int) -> None:
+        """Free a block used without compressing it (the --bpw plan's passes)."""
 
     def finish(self, model: nn.Module, arch: Architecture, index: int, record: dict, hidden: torch.Tensor,
                fp_hidden: torch.Tensor, pending: dict[int, dict[str, QuantizedWeight]]) -> None:
@@ -79,16 +91,36 @@ class StreamedBlocks:
         self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite)
         resumed = self.checkpoints.finished()
         self.checkpoints.verify(resumed)
-        outside = self.fill_outside(model, arch)
         # A resumed run needs only the blocks' keyword arguments (RoPE, mask): one window gives them.
-        ids = input_ids[:1] if resumed else input_ids
-        hidden, block_kwargs = capture_block_inputs(model, blocks[0], ids.to(self.device))
-        self.release(model, outside)
+        hidden, block_kwargs = self.block_inputs(model, arch, input_ids[:1] if resumed else input_ids)
         hidden, block_kwargs = hidden.to("cpu", self.activation_dtype), send_to_device(block_kwargs, self.device)
         if resumed:
             hidden, fp_hidden, pending = self.carried(resumed - 1)
             return Start(resumed, hidden, fp_hidden, block_kwargs, pending)
         return Start(0, hidden, hidden, block_kwargs, {})
+
+    def block_inputs(self, model: nn.Module, arch: Architecture, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The first block's inputs for `input_ids` (on the compute device), and the blocks' keyword arguments."""
+        outside = self.fill_outside(model, arch)
+        try:
+            return capture_block_inputs(model, model.get_submodule(arch.blocks)[0], input_ids.to(self.device))
+        finally:
+            self.release(model, outside)
+
+    @contextmanager
+    def head(self, model: nn.Module, arch: Architecture):
+        """A context in which the final norm and the head hold their weights (a tied head: the embeddings')."""
+        keys = [key for key in model.state_dict() if key.startswith((f"{arch.norm}.", f"{arch.head}.",
+                                                                    f"{arch.embeddings}.")) and key in self.shards]
+        self.shards.fill(model, "", torch.float32, self.device, keys)
+        try:
+            yield
+        finally:
+            self.release(model, keys)
+
+    def unload(self, model: nn.Module, arch: Architecture, index: int) -> None:
+        """Free a block used without compressing it (the --bpw plan's passes)."""
+        model.get_submodule(arch.blocks)[index].to("meta")
 
     def fill_outside(self, model: nn.Module, arch: Architecture) -> list[str]:
         """Fill what runs before the blocks (embeddings); the output head stays on meta. Returns the keys filled."""

@@ -33,6 +33,7 @@ STAGE_FLAGS = {
                  "iterations": "iterations", "start": "start"},
     "compensate": {"compensate_rank": "rank", "compensate_bits": "factor_bits"},
 }
+BPW_QUANTIZER = "gptaq"  # the best layer quantizer measured on SmolLM2 (evaluations/results/bench_real)
 CALIBRATION_FLAGS = {"calib": "source", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
 
 
@@ -89,6 +90,9 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                        help="capture every linear's statistics from the uncompressed block (default: group by group in "
                             "data-flow order, each with the earlier groups of the block compressed)")
+    group.add_argument("--bpw", type=float,
+                       help="a size budget in bits per weight: each layer's bits, group size and compensation rank "
+                            "are searched to meet it (compress/search.py); the quantizer defaults to gptaq")
     group.add_argument("--calib", help="calibration text: datasets name, or local txt/jsonl/parquet file or folder")
     group.add_argument("--nsamples", type=int, help=f"calibration windows (default {Calibration.nsamples})")
     group.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model max positions))")
@@ -107,16 +111,24 @@ def compress_parser() -> argparse.ArgumentParser:
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
     flags = [flag for table in (*STAGE_FLAGS.values(), CALIBRATION_FLAGS) for flag in table]
-    given = [flag for flag in [*flags, *STAGE_FLAGS, "true_sequential"] if getattr(args, flag) is not None]
+    given = [flag for flag in [*flags, *STAGE_FLAGS, "true_sequential", "bpw"] if getattr(args, flag) is not None]
     if args.recipe:
         if given:
             flag = "no-true-sequential" if given[0] == "true_sequential" else given[0].replace("_", "-")
             raise CompressError(f"--recipe runs a saved recipe; drop --{flag}")
         return Recipe.load(args.recipe)
+    if args.bpw is not None:
+        chosen = [flag for flag in ("wbits", "group_size", "compensate_rank") if getattr(args, flag) is not None]
+        if chosen:
+            raise CompressError(f"--bpw chooses bits, group sizes and compensation ranks per layer; drop "
+                                f"--{chosen[0].replace('_', '-')}")
+        if args.quantize is None:
+            args.quantize = BPW_QUANTIZER
     stages = {stage: stage_config(stage, args) for stage in STAGE_FLAGS}
     calibration = Calibration(**{field: getattr(args, flag) for flag, field in CALIBRATION_FLAGS.items()
                                  if getattr(args, flag) is not None})
-    return Recipe(**stages, calibration=calibration, true_sequential=args.true_sequential is not False)
+    return Recipe(**stages, calibration=calibration, true_sequential=args.true_sequential is not False,
+                  bpw=args.bpw)
 
 
 def stage_config(stage: str, args: argparse.Namespace):
@@ -140,7 +152,10 @@ def stage_config(stage: str, args: argparse.Namespace):
 def default_out(model: str, recipe: Recipe) -> Path:
     name = Path(model).name or "model"
     parts = [f"r{recipe.factorize.rank_budget:g}"] if recipe.factorize else []
-    parts += [f"w{recipe.quantize.bits}"] if recipe.quantize else []
+    if recipe.bpw is not None:
+        parts.append(f"bpw{recipe.bpw:g}")
+    elif recipe.quantize:
+        parts.append(f"w{recipe.quantize.bits}")
     return Path(f"{name}-{'-'.join(parts)}")
 
 
@@ -152,7 +167,7 @@ def run_compress(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from evaluations.perplexity import cached_perplexity, text_perplexity
-    from evaluations.plots import plot_ranks
+    from evaluations.plots import plot_forms, plot_ranks
 
     args = compress_parser().parse_args(argv)
     recipe = build_recipe(args)
@@ -182,6 +197,8 @@ def run_compress(argv: list[str]) -> int:
             (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if recipe.factorize:
             plot_ranks(report, directory / "ranks.png")
+        if recipe.bpw is not None:
+            plot_forms(report, directory / "forms.png")
 
     resolved = resolve_model(args.model)
     if Path(resolved).is_dir() and not has_shards(resolved):  # e.g. pytorch_model.bin only: the whole model in memory
@@ -202,6 +219,11 @@ def run_compress(argv: list[str]) -> int:
 
 def summary(report: dict) -> str:
     lines = [f"bits per weight {report['bits_per_weight']:.3f}   {report['seconds']:.1f} s"]
+    if "bpw" in report:
+        search = report["bpw"]
+        lines.append(f"--bpw {search['budget']:g}: " + (f"forms searched in {search['seconds']:.1f} s" if "seconds" in
+                                                        search else "forms replayed from the recipe"))
+        lines += forms_table(report)
     if "perplexity" in report:
         ppl = report["perplexity"]
         lines.append(f"perplexity ({ppl['source']}, {ppl['seqlen']}-token windows): "
@@ -210,6 +232,13 @@ def summary(report: dict) -> str:
     if len(report["notes"]) > 5:
         lines.append(f"note: ... {len(report['notes']) - 5} more in report.json")
     return "\n".join(lines)
+
+
+def forms_table(report: dict) -> list[str]:
+    from compress.search import count_forms
+
+    return [f"  {kind}: " + ", ".join(f"{form} x{n}" for form, n in sorted(forms.items())) for kind, forms in
+            count_forms(report).items()]
 
 
 def run_eval(argv: list[str]) -> int:

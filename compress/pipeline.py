@@ -1,9 +1,10 @@
 """The sequential pipeline: calibrate, then for each decoder block capture, compress its linears, propagate."""
 from __future__ import annotations
 
+import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from compress.models import DEMO_DIR, load_model, resolve_model
 from compress.quantize import LearnedConfig
 from compress.quantize.gptq import GPTAQ
 from compress.recipe import Recipe
+from compress.search import Form, form_configs, plan_forms
 from compress.stages import LearnedQuantizer, Plan, allocate, compress_linear, prune_mlp
 from compress.streaming import Shards, empty_model, has_shards, work_directory
 
@@ -66,12 +68,19 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for block in targets for name in block}
     plan = allocate(recipe.factorize, arch, targets, shapes, lambda name: source.weight(model, name)) \
         if recipe.factorize else Plan({})
-    if recipe.quantize:
+    if recipe.quantize and recipe.bpw is None:  # --bpw chooses group sizes per layer
         check_group_size(recipe.quantize.group_size, shapes, plan.ranks)
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
     notes = calibration_notes(input_ids)
+    search = None
+    if recipe.bpw is not None and not recipe.forms:  # planned before the streams start: a resumed run plans alike
+        planned, search = plan_forms(model, arch, source, targets, input_ids, recipe.bpw, recipe.quantize,
+                                     recipe.compensate, progress)
+        recipe = replace(recipe, forms={name: form.to_dict() for name, form in planned.items()})
+    forms = layer_forms(recipe, targets)
     cross = isinstance(recipe.factorize, SAES) or isinstance(recipe.quantize, GPTAQ)  # both streams' statistics
-    product_dtype = torch.float64 if recipe.factorize or recipe.compensate else torch.float32
+    compensated = recipe.compensate or any(form.rank for form in forms.values())
+    product_dtype = torch.float64 if recipe.factorize or compensated else torch.float32
     state = source.start(model, arch, input_ids, recipe)
     hidden, fp_hidden, block_kwargs = state.hidden, state.fp_hidden, state.block_kwargs
     check_finite(hidden, "the calibration inputs of the first block")
@@ -100,9 +109,12 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                                   if learner else {})
             for local in (local for group in groups for local in group):
                 name, linear = f"{prefix}.{local}", block.get_submodule(local)
+                quantize, compensate = form_configs(forms[name], recipe.quantize, recipe.compensate) \
+                    if forms else (recipe.quantize, recipe.compensate)
                 layer, record = compress_linear(name, linear, statistics.pop(local), plan.ranks.get(name),
-                                                recipe.factorize, recipe.quantize, recipe.compensate, given.get(name),
-                                                kernel)
+                                                recipe.factorize, quantize, compensate, given.get(name), kernel)
+                if forms:
+                    record.details["form"] = forms[name].label
                 record.channels_kept = kept if local in arch.mlp and plan.prune else None
                 layers[name] = record
                 if cross:
@@ -128,8 +140,23 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     for layer in model.modules():
         if hasattr(layer, "kernel"):
             layer.kernel = "auto"  # served by whatever kernels suit its device from now on
-    return Compressed(model, tokenizer, recipe, make_report(model, base_model, input_ids, shapes, records, notes,
-                                                            start), base_model)
+    report = make_report(model, base_model, input_ids, shapes, records, notes, start)
+    if recipe.bpw is not None:
+        report["bpw"] = search or {"budget": recipe.bpw, "replayed": True}
+        report["bpw"]["met"] = report["bits_per_weight"]
+    return Compressed(model, tokenizer, recipe, report, base_model)
+
+
+def layer_forms(recipe: Recipe, targets: list[list[str]]) -> dict[str, Form]:
+    """The recipe's per-layer forms ({} without), checked against the layers this run compresses."""
+    if not recipe.forms:
+        return {}
+    names = [name for block in targets for name in block]
+    missing, unknown = [n for n in names if n not in recipe.forms], sorted(set(recipe.forms) - set(names))
+    if missing or unknown:
+        raise CompressError(f"recipe.forms does not match the layers to compress: no form for {missing[:2] or 'none'},"
+                            f" forms for layers not compressed {unknown[:2] or 'none'}")
+    return {name: Form.from_dict(recipe.forms[name]) for name in names}
 
 
 def capture_steps(arch: Architecture, names: list[str], prefix: str, true_sequential: bool) -> list[list[tuple]]:
@@ -144,6 +171,8 @@ def capture_steps(arch: Architecture, names: list[str], prefix: str, true_sequen
 def make_report(model: nn.Module, base_model: str, input_ids: torch.Tensor, shapes: dict[str, tuple[int, int]],
                 records: list[dict], notes: list[str], start: float) -> dict:
     layers = {name: entry for record in records for name, entry in record["layers"].items()}
+    for name, entry in layers.items():
+        entry["bits_per_weight"] = model.get_submodule(name).stored_bits() / math.prod(shapes[name])
     stored = sum(model.get_submodule(name).stored_bits() for name in layers)
     dense = sum(out * inp for out, inp in shapes.values())
     return {

@@ -13,6 +13,7 @@ from compress.errors import CompressError
 from compress.factorize import FactorizeConfig
 from compress.methods import METHODS, config_type, method_name
 from compress.quantize import GridConfig, LearnedConfig
+from compress.search import Form
 
 # Keys of the recipe files written before per-method configs (one Quantize/Factorize/Compensate for every method),
 # with the defaults they always carried: a key the method's config lacks is dropped when it holds its default.
@@ -52,6 +53,9 @@ class Recipe:
     the decoder blocks is compressed (embeddings and the LM head stay as they are).
     true_sequential: inside a block, compress the linears group by group in the order data flows, each group's
     statistics captured with the earlier groups already compressed (False: all from the uncompressed block).
+    bpw: a size budget in bits per weight over the targeted linears: each layer's form (bits, group size,
+    compensation rank) is searched (compress.search), the quantize and compensate stages giving the methods.
+    forms: {layer name: {bits, group_size, rank}}, the forms a search chose; a recipe holding them replays them.
     """
 
     factorize: FactorizeConfig | None = None
@@ -61,6 +65,8 @@ class Recipe:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     true_sequential: bool = True
+    bpw: float | None = None
+    forms: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         for stage, kind in STAGE_TYPES.items():
@@ -76,8 +82,25 @@ class Recipe:
         if self.factorize is not None and isinstance(self.quantize, LearnedConfig):
             raise CompressError(f"{method_name(self.quantize)} learns the quantized weights of whole blocks: "
                                 "use it without --rank-budget")
+        if self.bpw is not None or self.forms:
+            self._check_forms()
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def _check_forms(self) -> None:
+        if self.bpw is not None and not 0 < self.bpw <= 16:
+            raise CompressError(f"--bpw must be in (0, 16], got {self.bpw:g}")
+        if self.factorize is not None:
+            raise CompressError("--bpw searches quantized and compensated forms per layer: use it without "
+                                "--rank-budget")
+        if self.quantize is None or isinstance(self.quantize, LearnedConfig):
+            raise CompressError("--bpw needs a layer quantizer (--quantize rtn, gptq or gptaq): learned quantizers "
+                                "learn whole blocks on one grid")
+        for name, form in self.forms.items():
+            try:
+                Form.from_dict(form)
+            except (KeyError, TypeError, ValueError):
+                raise CompressError(f"recipe.forms: {name} needs bits, group_size and rank, got {form!r}") from None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

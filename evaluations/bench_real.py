@@ -15,7 +15,8 @@ The peers run as their users run them, in a virtual environment of their own tha
 Recipe names: `METHOD-wBITS-gGROUP[-OPTION...]`, METHOD one of the project's quantizers (rtn, gptq, gptaq, lrq, cbq,
 signround); options: `minmax` (no clip search), `noact` (no act-order, dynamic groups), `sym`, `a1` (GPTAQ's alpha
 1), `eoraR` / `lorcR` (compensation of rank R, 4-bit factors), `fp16f` (compensation factors kept in fp16), `itN`
-(learned quantizers: N iterations), `fromgptq` (SignRound started from GPTQ's result). Peers:
+(learned quantizers: N iterations), `fromgptq` (SignRound started from GPTQ's result), `bpwB` (a searched mix of
+forms per layer at B bits per weight, compress/search.py: `gptaq-bpw3.25`). Peers:
 `llmcompressor-gptq-wB-gG`, `autoround-wB-gG` (`-light`: its light recipe, 50 iterations at lr 5e-3),
 `hqq-wB-gG`.
 
@@ -40,6 +41,7 @@ from compress import (CBQ, GPTAQ, GPTQ, LRQ, RTN, Calibration, EoRA, LoRC, Recip
 from compress.errors import CompressError
 from compress.methods import METHODS
 from compress.models import load_model
+from compress.search import count_forms
 from evaluations import peers
 from evaluations.perplexity import perplexity
 
@@ -68,7 +70,7 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
     method, *options = name.split("-")
     if method not in QUANTIZERS:
         raise CompressError(f"unknown recipe {name!r}: methods {', '.join(QUANTIZERS)}")
-    fields, compensate, factor_bits = {}, None, 4
+    fields, compensate, factor_bits, bpw = {}, None, 4, None
     for option in options:
         if option[0] == "w" and option[1:].isdigit():
             fields["bits"] = int(option[1:])
@@ -90,6 +92,11 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
             fields["start"] = "gptq"
         elif option == "fp16f":
             factor_bits = None
+        elif option.startswith("bpw"):
+            try:
+                bpw = float(option[3:])
+            except ValueError:
+                raise CompressError(f"recipe {name!r}: {option!r} is not bpw<number>") from None
         else:
             raise CompressError(f"recipe {name!r}: unknown option {option!r}")
     kind = QUANTIZERS[method]
@@ -98,7 +105,7 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
     except TypeError as exc:
         raise CompressError(f"recipe {name!r}: {exc}") from None
     compensation = compensate[0](rank=compensate[1], factor_bits=factor_bits) if compensate else None
-    return Recipe(quantize=quantize, compensate=compensation, calibration=calibration)
+    return Recipe(quantize=quantize, compensate=compensation, calibration=calibration, bpw=bpw)
 
 
 def is_peer(name: str) -> bool:
@@ -174,7 +181,10 @@ def run_project(name: str, args, directory: str, calib_ids: torch.Tensor, eval_i
     ppl = perplexity(result.model, eval_ids, args.seqlen, progress=False)
     return {"name": name, "tool": "compress", "bits_per_weight": result.report["bits_per_weight"], "perplexity": ppl,
             "seconds": seconds, "recipe": recipe.to_dict()["quantize"] | {"compensate": recipe.to_dict()["compensate"]},
-            "notes": sorted(set(note.split(": ", 1)[-1] for note in result.report["notes"]))[:5]}
+            "notes": sorted(set(note.split(": ", 1)[-1] for note in result.report["notes"]))[:5],
+            **({"search_seconds": result.report["bpw"]["seconds"], "forms": count_forms(result.report)}
+               if recipe.bpw is not None else {})}
+
 
 
 def run_peer(name: str, args, directory: str, calib_path: Path, eval_ids: torch.Tensor, python: Path) -> dict:
