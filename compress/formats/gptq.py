@@ -148,15 +148,15 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 def read_gptq(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """{module name: dequantized weight (out, in) float32} of every `<name>.qweight` in a checkpoint's tensors.
 
-    config: its quantization_config (bits, group_size, checkpoint_format); without g_idx, column i is in group
-    i // group_size."""
-    bits, group_size = int(config["bits"]), int(config.get("group_size", -1))
+    config: its quantization_config (bits, group_size, checkpoint_format, and GPTQModel's per-module `dynamic`
+    overrides); without g_idx, column i is in group i // group_size."""
     checkpoint_format = config.get("checkpoint_format", "gptq")
     weights = {}
     for key in tensors:
         if not key.endswith(".qweight"):
             continue
         name = key.removesuffix(".qweight")
+        bits, group_size = module_grid(name, config)
         qweight = tensors[key]
         in_features = qweight.shape[0] * WORD // bits
         g_idx = tensors.get(f"{name}.g_idx")
@@ -165,6 +165,18 @@ def read_gptq(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch
         weights[name] = dequantize_gptq(qweight, tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], g_idx, bits,
                                         checkpoint_format)
     return weights
+
+
+def module_grid(name: str, config: dict) -> tuple[int, int]:
+    """(bits, group_size) of one module: the config's, unless a positive `dynamic` rule matches its name (GPTQModel:
+    keys are regular expressions matched at the start of the name, "+:" or no prefix to override, "-:" to skip)."""
+    bits, group_size = int(config["bits"]), int(config.get("group_size", -1))
+    for pattern, override in (config.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            continue
+        if re.match(pattern.removeprefix("+:"), name):
+            return int(override.get("bits", bits)), int(override.get("group_size", group_size))
+    return bits, group_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,22 +238,31 @@ def gptq_layers(model: nn.Module, recipe: dict, options: ExportOptions) -> dict[
 
 
 def gptq_config(layers: dict[str, GPTQLayer], recipe: dict, checkpoint_format: str) -> dict:
-    """The quantization_config block: one bits / group_size / sym / desc_act for all layers (refused otherwise)."""
-    bits = {layer.quantized.bits for layer in layers.values()}
-    group_sizes = {-1 if q.group_size >= q.shape[1] else q.group_size for q in (l.quantized for l in layers.values())}
-    if len(bits) > 1 or len(group_sizes) > 1:
-        raise CompressError(f"layers use bits {sorted(bits)} and group sizes {sorted(group_sizes)}: a GPTQ config "
-                            "holds one of each (compress again with a --group-size that divides every layer)")
+    """The quantization_config block: the most common bits and group size (by weights), and for layers that differ
+    (a --bpw mix) a GPTQModel `dynamic` override each. sym and desc_act are one for all layers."""
+    def grid(quantized: QuantizedWeight) -> tuple[int, int]:
+        return quantized.bits, -1 if quantized.group_size >= quantized.shape[1] else quantized.group_size
+
+    weights: dict[tuple[int, int], int] = {}
+    for layer in layers.values():
+        key = grid(layer.quantized)
+        weights[key] = weights.get(key, 0) + layer.quantized.shape[0] * layer.quantized.shape[1]
+    bits, group_size = max(weights, key=lambda key: (weights[key], key))
+    dynamic = {f"+:^{re.escape(name)}$": {"bits": grid(layer.quantized)[0], "group_size": grid(layer.quantized)[1]}
+               for name, layer in layers.items() if grid(layer.quantized) != (bits, group_size)}
     stage = recipe.get("quantize") or {}
-    return {"quant_method": "gptq", "bits": bits.pop(), "group_size": group_sizes.pop(),
-            "sym": all(layer.quantized.symmetric for layer in layers.values()),
-            "desc_act": any(layer.quantized.g_idx is not None for layer in layers.values()),
-            "static_groups": bool(stage.get("static_groups", False)),
-            "true_sequential": bool(recipe.get("true_sequential", False)),
-            "damp_percent": stage.get("damp", GPTQ.damp), "lm_head": False, "pack_dtype": "int32",
-            "checkpoint_format": checkpoint_format, "format": checkpoint_format,
-            "meta": {"quantizer": ["compress-llm:0.1.0"],
-                     "merged_lowrank_layers": sum(layer.merged for layer in layers.values())}}
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+              "sym": all(layer.quantized.symmetric for layer in layers.values()),
+              "desc_act": any(layer.quantized.g_idx is not None for layer in layers.values()),
+              "static_groups": bool(stage.get("static_groups", False)),
+              "true_sequential": bool(recipe.get("true_sequential", False)),
+              "damp_percent": stage.get("damp", GPTQ.damp), "lm_head": False, "pack_dtype": "int32",
+              "checkpoint_format": checkpoint_format, "format": checkpoint_format,
+              "meta": {"quantizer": ["compress-llm:0.1.0"],
+                       "merged_lowrank_layers": sum(layer.merged for layer in layers.values())}}
+    if dynamic:
+        config["dynamic"] = dynamic
+    return config
 
 
 def serving_warnings(config: dict, zero_point_zeros: int) -> list[str]:
@@ -279,7 +300,7 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     plain = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and module is not model.get_output_embeddings()]
     if plain:  # layers the recipe left out stay fp16; GPTQModel's `dynamic` "-:" entries tell loaders to skip them
-        config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in plain}
+        config["dynamic"] = {**config.get("dynamic", {}), **{f"-:^{re.escape(name)}$": {} for name in plain}}
     state = gptq_state(model, layers, options.checkpoint_format)
     save_torch_state_dict(state, directory, max_shard_size=options.max_shard_size, metadata={"format": "pt"})
     model.config.dtype = torch.float16
@@ -304,7 +325,12 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     if merged:
         warnings.append(f"{len(merged)} layers merged to base + up @ down and requantized ({config['bits']}-bit RTN): "
                         "their outputs differ from the compressed model's")
-    checks = {"layers": len(layers), "merged_layers": len(merged),
+    overridden = sum(not key.startswith("-:") for key in config.get("dynamic", {}))
+    if overridden:
+        warnings.append(f"{overridden} layers differ from the config's {config['bits']}-bit group {config['group_size']}"
+                        " and carry GPTQModel `dynamic` overrides: GPTQModel, transformers and vLLM read them, older "
+                        "AutoGPTQ loaders do not")
+    checks = {"layers": len(layers), "merged_layers": len(merged), "dynamic_overrides": overridden,
               **{key: config[key] for key in ("bits", "group_size", "sym")}}
     factors = {name: layer.factors for name, layer in layers.items() if layer.factors is not None}
     if factors:

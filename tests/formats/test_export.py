@@ -28,6 +28,7 @@ def compressed(tmp_path_factory, tiny_model_dir):
         "asym-actorder": ["--wbits", "4", "--group-size", str(GROUP), "--quantize", "gptq", "--act-order",
                           "--no-static-groups"],  # dynamic groups: the export carries g_idx
         "lowrank": ["--rank-budget", "0.5"],
+        "bpw": ["--bpw", "3.6", "--quantize", "gptq"],  # layers of several bits and group sizes
     }
     for name, flags in recipes.items():
         assert main(["--model", str(tiny_model_dir), *flags, "--out", str(root / name)] + FAST) == 0
@@ -99,6 +100,31 @@ def test_gptq_config_is_read_by_transformers(compressed, tmp_path):
     config = GPTQConfig.from_dict(AutoConfig.from_pretrained(tmp_path / "gptq").quantization_config)
     settings = (config.bits, config.group_size, config.sym, config.desc_act, config.format)
     assert settings == (4, GROUP, True, False, "gptq")
+
+
+def test_a_bpw_mix_exports_as_gptq_with_per_module_overrides(compressed, tmp_path):
+    """Each layer's grid is the config's or its `dynamic` override's (GPTQModel's per-module format, first match
+    wins): the reader applies them and gets every layer's own quantized values back."""
+    from transformers import AutoConfig, GPTQConfig
+
+    from compress.formats import read_quantized
+
+    model, own = layers(compressed / "bpw")
+
+    def grid(layer):  # one group per row is GPTQ's -1
+        return layer.base.bits, -1 if layer.base.group_size == layer.in_features else layer.base.group_size
+
+    grids = {grid(m) for m in own.values()}
+    assert len(grids) > 1  # a mix, or this test shows nothing
+    export(compressed / "bpw", "gptq", tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    overridden = {key[3:-1].replace("\\", "") for key in config["dynamic"]}
+    assert overridden == {name for name, m in own.items() if grid(m) != (config["bits"], config["group_size"])}
+    read = GPTQConfig.from_dict(AutoConfig.from_pretrained(tmp_path / "gptq").quantization_config)
+    assert (read.bits, read.group_size) == (config["bits"], config["group_size"])
+    weights = read_quantized(tmp_path / "gptq").weights
+    for name, layer in own.items():
+        assert torch.equal(weights[name], layer.base.operand().dequantize()), name
 
 
 def test_layers_left_out_stay_fp16_and_are_marked_skipped(compressed, tmp_path):
