@@ -79,7 +79,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         recipe = replace(recipe, forms={name: form.to_dict() for name, form in planned.items()})
     forms = layer_forms(recipe, targets)
     cross = isinstance(recipe.factorize, SAES) or isinstance(recipe.quantize, GPTAQ)  # both streams' statistics
-    compensated = recipe.compensate or any(form.rank for form in forms.values())
+    compensated = recipe.compensate or any(form.rank for form in forms.values())  # low-rank parts: float64 Grams
     product_dtype = torch.float64 if recipe.factorize or compensated else torch.float32
     state = source.start(model, arch, input_ids, recipe)
     hidden, fp_hidden, block_kwargs = state.hidden, state.fp_hidden, state.block_kwargs
@@ -109,10 +109,11 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                                   if learner else {})
             for local in (local for group in groups for local in group):
                 name, linear = f"{prefix}.{local}", block.get_submodule(local)
-                quantize, compensate = form_configs(forms[name], recipe.quantize, recipe.compensate) \
-                    if forms else (recipe.quantize, recipe.compensate)
-                layer, record = compress_linear(name, linear, statistics.pop(local), plan.ranks.get(name),
-                                                recipe.factorize, quantize, compensate, given.get(name), kernel)
+                rank, factorize, quantize, compensate = \
+                    form_configs(forms[name], recipe.quantize, recipe.compensate) if forms else \
+                    (plan.ranks.get(name), recipe.factorize, recipe.quantize, recipe.compensate)
+                layer, record = compress_linear(name, linear, statistics.pop(local), rank, factorize, quantize,
+                                                compensate, given.get(name), kernel)
                 if forms:
                     record.details["form"] = forms[name].label
                 record.channels_kept = kept if local in arch.mlp and plan.prune else None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 from torch import nn
@@ -41,13 +42,20 @@ from compress.architectures import Architecture
 from compress.compensate import CompensateConfig
 from compress.compensate.eora import EoRA
 from compress.errors import CompressError
+from compress.factorize.svd_llm import SVDLLM
 from compress.quantize import GridConfig
+from compress.quantize.gptq import GPTQ, inverse_hessian_factor
 from kernels.grid import dequantize, find_params, quantize_ints, quantized_bits, resolve_group_size
 
 QUANTIZE_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 COMPENSATED = ((2, 128), (3, 128))  # (bits, group size) of the bases that may be compensated
 COMPENSATE_RANKS = (16, 32, 64)
+# factorized forms: ranks as shares of the rank whose fp16 factors hold as many numbers as the weight,
+# out * in / (out + in), with factors of 4 or 8 bits in groups of 128
+FACTOR_SHARES = (1 / 8, 1 / 4, 1 / 2)
+FACTOR_BITS = (4, 8)
+FACTORIZE = SVDLLM()  # the factorization of factorized forms: data-aware truncation, what their costs assume
 SAMPLED_ROWS = 64  # rows of a larger layer on which a form's output error is measured (evenly spaced)
 PLAN_TOKENS = 2048  # calibration tokens the plan reads (whole windows, at least one)
 UNITS = 1 << 17  # budget steps of the knapsack: the bits lost to rounding are at most one step per layer
@@ -56,21 +64,26 @@ UNITS = 1 << 17  # budget steps of the knapsack: the bits lost to rounding are a
 @dataclass(frozen=True)
 class Form:
     """One layer's form: `bits` per weight in groups of `group_size` columns (as requested; a size that does not
-    divide the layer falls back as everywhere), plus a compensation of `rank` (0: none)."""
+    divide the layer falls back as everywhere), plus a compensation of `rank` (0: none); or, `factorized`, low-rank
+    factors of `rank` alone, quantized at `bits` in groups of `group_size`."""
 
     bits: int
     group_size: int
     rank: int = 0
+    factorized: bool = False
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "rank": self.rank}
+        return {"bits": self.bits, "group_size": self.group_size, "rank": self.rank, "factorized": self.factorized}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Form":
-        return cls(int(data["bits"]), int(data["group_size"]), int(data.get("rank", 0)))
+        return cls(int(data["bits"]), int(data["group_size"]), int(data.get("rank", 0)),
+                   bool(data.get("factorized", False)))
 
     @property
     def label(self) -> str:
+        if self.factorized:
+            return f"r{self.rank}:w{self.bits}"
         return f"w{self.bits}g{self.group_size}" + (f"+r{self.rank}" if self.rank else "")
 
 
@@ -86,24 +99,35 @@ def menu(shape: tuple[int, int]) -> list[Form]:
                 forms.append(Form(bits, group_size))
     forms += [Form(bits, group_size, rank) for bits, group_size in COMPENSATED for rank in COMPENSATE_RANKS
               if rank < min(out, inp) // 2]
+    even = out * inp / (out + inp)
+    forms += [Form(bits, 128, int(share * even), factorized=True) for share in FACTOR_SHARES for bits in FACTOR_BITS
+              if int(share * even) >= 1]
     return forms
 
 
 def form_configs(form: Form, quantize: GridConfig, compensate: CompensateConfig | None
-                 ) -> tuple[GridConfig, CompensateConfig | None]:
-    """The quantizer and compensation configs one layer runs with: the recipe's methods at the form's sizes."""
-    compensation = replace(compensate or EoRA(), rank=form.rank) if form.rank else None
-    return replace(quantize, bits=form.bits, group_size=form.group_size), compensation
+                 ) -> tuple[int | None, SVDLLM | None, GridConfig, CompensateConfig | None]:
+    """(rank, factorize, quantize, compensate) configs one layer runs with (stages.compress_linear): the recipe's
+    methods at the form's sizes; a factorized form's factors come from FACTORIZE and are quantized on its grid."""
+    grid = replace(quantize, bits=form.bits, group_size=form.group_size)
+    if form.factorized:
+        return form.rank, FACTORIZE, grid, None
+    return None, None, grid, replace(compensate or EoRA(), rank=form.rank) if form.rank else None
 
 
 def form_bits(form: Form, shape: tuple[int, int], quantize: GridConfig, compensate: CompensateConfig | None) -> int:
     """Every stored bit of a layer in this form, as CompressedLinear.stored_bits counts them."""
     out, inp = shape
-    grid, compensation = form_configs(form, quantize, compensate)
-    group_size = resolve_group_size(inp, grid.group_size)
-    groups = inp // group_size
-    g_idx = getattr(grid, "act_order", False) and not getattr(grid, "static_groups", True) and groups > 1
-    bits = quantized_bits(out, inp, grid.bits, group_size, grid.symmetric, g_idx)
+    _, _, grid, compensation = form_configs(form, quantize, compensate)
+
+    def quantized(rows: int, cols: int) -> int:
+        group_size = resolve_group_size(cols, grid.group_size)
+        g_idx = getattr(grid, "act_order", False) and not getattr(grid, "static_groups", True) and cols > group_size
+        return quantized_bits(rows, cols, grid.bits, group_size, grid.symmetric, g_idx)
+
+    if form.factorized:  # down (rank, in) and up (out, rank)
+        return quantized(form.rank, inp) + quantized(out, form.rank)
+    bits = quantized(out, inp)
     if compensation is not None:
         rank = min(compensation.rank, out, inp)
         if compensation.factor_bits is None:
@@ -122,26 +146,84 @@ def rtn_error(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
 
 
 def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, forms: list[Form],
-               quantize: GridConfig) -> list[float]:
+               quantize: GridConfig, column_weights: torch.Tensor | None = None) -> list[float]:
     """Each form's estimated loss increase 1/2 sum_o f_o [E G E^T]_oo for a (out, in) weight whose inputs have Gram
-    `gram` and whose outputs gradient energy `energy` (out,); see the module's docstring."""
-    out = weight.shape[0]
+    `gram` and whose outputs gradient energy `energy` (out,); see the module's docstring.
+
+    column_weights (in,): GPTQ's 1 / d_j^2 (gptq_column_weights) when the quantizer is GPTQ's family: its error is
+    then modelled as independent rounding noise of each group's RTN variance in GPTQ's whitened basis, the noise
+    made column j's by 1 / d_j^2 (on SmolLM2 within 10% of GPTQ's actual error at 3 and 4 bits, up to 1.5x under at
+    2 bits; RTN's own error overstates it 5-10x, and its structure, which a low-rank term captures, GPTQ's lacks).
+    """
+    out, inp = weight.shape
     rows = torch.arange(out) if out <= SAMPLED_ROWS else torch.linspace(0, out - 1, SAMPLED_ROWS).round().long()
     gram = gram.float()
-    bases = {(form.bits, form.group_size) for form in forms if form.rank}
-    root = symmetric_root(gram) if bases and out > weight.shape[1] else None
-    spectra = {(bits, group_size): residual_spectrum(rtn_error(weight, bits, group_size, quantize.symmetric,
-                                                               quantize.clip), gram, energy, root)
-               for bits, group_size in bases}
+    root = symmetric_root(gram) if out > inp else None
+
+    @cache
+    def group_variance(bits: int, group_size: int) -> torch.Tensor:
+        """RTN's mean squared error per element of each (sampled row, group), spread over the columns."""
+        size = resolve_group_size(inp, group_size)
+        error = rtn_error(weight[rows], bits, group_size, quantize.symmetric, quantize.clip)
+        return error.square().reshape(len(rows), -1, size).mean(-1).repeat_interleave(size, dim=1)
+
+    @cache
+    def quantization_cost(bits: int, group_size: int) -> float:
+        if column_weights is None:  # RTN: its own error
+            error = rtn_error(weight[rows], bits, group_size, quantize.symmetric, quantize.clip)
+            row_errors = ((error @ gram) * error).sum(1).clamp(min=0).double()
+        else:
+            row_errors = (group_variance(bits, group_size) * column_weights).sum(1).double()
+        return 0.5 * out / len(rows) * float((energy[rows].double() * row_errors).sum())
+
+    @cache
+    def compensated_spectrum(bits: int, group_size: int) -> torch.Tensor:
+        if column_weights is None:
+            return residual_spectrum(rtn_error(weight, bits, group_size, quantize.symmetric, quantize.clip), gram,
+                                     energy, root)
+        # GPTQ's whitened error: independent noise of the modelled variance (seeded: the same plan every run), each
+        # row taking the variances of the nearest sampled row
+        nearest = (torch.arange(out)[:, None] - rows[None, :]).abs().argmin(1)
+        noise = torch.rand(out, inp, generator=torch.Generator().manual_seed(0)) - 0.5
+        whitened = noise * (12 * group_variance(bits, group_size)[nearest] * column_weights).sqrt()
+        whitened *= energy.float().sqrt()[:, None]
+        matrix = whitened @ whitened.T if out <= inp else whitened.T @ whitened
+        return torch.linalg.eigvalsh(matrix).double().flip(0).clamp(min=0)  # float32: its tails are what count
+
+    @cache
+    def truncation_spectrum() -> torch.Tensor:
+        return residual_spectrum(weight, gram, energy, root)
+
     costs = []
     for form in forms:
-        if form.rank:
-            costs.append(0.5 * float(spectra[form.bits, form.group_size][form.rank:].sum()))
-            continue
-        error = rtn_error(weight[rows], form.bits, form.group_size, quantize.symmetric, quantize.clip)
-        row_errors = ((error @ gram) * error).sum(1).clamp(min=0).double()
-        costs.append(0.5 * out / len(rows) * float((energy[rows].double() * row_errors).sum()))
+        if form.factorized:  # truncation, plus about what the factors' grid costs the weight itself
+            costs.append(0.5 * float(truncation_spectrum()[form.rank:].sum()) + quantization_cost(form.bits, 128))
+        elif form.rank:
+            costs.append(0.5 * float(compensated_spectrum(form.bits, form.group_size)[form.rank:].sum()))
+        else:
+            costs.append(quantization_cost(form.bits, form.group_size))
     return costs
+
+
+def gptq_column_weights(gram: torch.Tensor, config: GridConfig) -> torch.Tensor | None:
+    """1 / d_j^2 per input column (original order), d the diagonal of the upper Cholesky factor of GPTQ's damped
+    inverse Hessian in its processing order (act-order when the config has it); None for other quantizers."""
+    if not isinstance(config, GPTQ):
+        return None
+    diagonal = gram.diagonal().double()
+    dead = diagonal == 0
+    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if config.act_order else \
+        torch.arange(len(gram))
+
+    def hessian() -> torch.Tensor:  # float32: only the diagonal of the factor is read
+        matrix = gram.float()[perm[:, None], perm]
+        matrix.diagonal()[dead[perm]] = 1
+        return matrix
+
+    factor, _, _ = inverse_hessian_factor(hessian, config.damp)
+    weights = torch.empty(len(gram), dtype=torch.float32)
+    weights[perm] = factor.diagonal().float().square().reciprocal()
+    return weights
 
 
 def residual_spectrum(error: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor,
@@ -210,15 +292,17 @@ def measure_layers(model: nn.Module, arch: Architecture, source, targets: list[l
     """Each targeted layer's menu with its forms' bits and costs, and the seconds spent on passes and on costs."""
     layers: dict[str, LayerPlan] = {}
     seconds = {"passes": 0.0, "costs": 0.0}
-    mark = time.time()
+    mark, columns = time.time(), (None, None)
     for name, weight, gram, energy in layer_statistics(model, arch, source, targets, plan_windows(input_ids),
                                                        progress):
         seconds["passes"] += time.time() - mark
         mark = time.time()
+        if columns[0] is not gram:  # the layers of a group share their Gram
+            columns = (gram, gptq_column_weights(gram, quantize))
         shape = tuple(weight.shape)
         forms = menu(shape)
         layers[name] = LayerPlan(shape, forms, [form_bits(f, shape, quantize, compensate) for f in forms],
-                                 form_costs(weight, gram, energy, forms, quantize))
+                                 form_costs(weight, gram, energy, forms, quantize, columns[1]))
         seconds["costs"] += time.time() - mark
         mark = time.time()
     return {name: layers[name] for block in targets for name in block}, seconds

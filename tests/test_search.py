@@ -13,7 +13,9 @@ from compress.blocks import InMemoryBlocks
 from compress.errors import CompressError
 from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.rtn import RTN
-from compress.search import Form, form_bits, form_configs, layer_statistics, menu, residual_spectrum
+from compress.quantize.gptq import quantize_gptq
+from compress.search import (Form, form_bits, form_configs, form_costs, gptq_column_weights, layer_statistics, menu,
+                             residual_spectrum)
 from compress.stages import compress_linear
 from tests.conftest import tiny_llama
 
@@ -31,17 +33,17 @@ def test_form_bits_are_the_bits_the_layer_stores(quantize):
     linear = nn.Linear(inp, out, bias=False)
     gram = random_gram(inp)
     forms = menu((out, inp))
-    assert any(form.rank for form in forms) and {form.bits for form in forms} == {2, 3, 4, 8}
+    assert any(form.rank and not form.factorized for form in forms) and {f.bits for f in forms} == {2, 3, 4, 8}
+    assert any(form.factorized for form in forms)
     for form in forms:
-        grid, compensation = form_configs(form, quantize, None)
-        layer, _ = compress_linear("layer", linear, Statistics(gram), None, None, grid, compensation)
+        layer, _ = compress_linear("layer", linear, Statistics(gram), *form_configs(form, quantize, None))
         assert layer.stored_bits() == form_bits(form, (out, inp), quantize, None), form
 
 
 def test_menu_drops_forms_that_fall_back_to_the_same_group():
     forms = menu((64, 64))  # groups of 64 and 128 are both one group per row
     assert len({(f.bits, f.group_size) for f in forms if not f.rank}) == 8
-    assert all(f.rank < 32 for f in forms)
+    assert all(f.rank < 32 for f in forms if not f.factorized)
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
@@ -69,6 +71,26 @@ def test_compensated_cost_is_the_best_rank_r_residual(shape):
         assert float(spectrum[rank:].sum()) == pytest.approx(cost(best), rel=1e-4)
         other = torch.randn(out, rank, dtype=torch.float64) @ torch.randn(rank, inp, dtype=torch.float64) * 0.1
         assert cost(best) <= cost(other)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_cost_model_matches_gptqs_error(bits):
+    """For GPTQ the cost of a form is a model of GPTQ's error (each group's RTN variance in GPTQ's whitened basis),
+    not GPTQ itself: it must land near what GPTQ does, and far below RTN's own error on a correlated Gram."""
+    torch.manual_seed(0)
+    out, inp = 48, 256
+    weight = torch.randn(out, inp) * torch.rand(out, 1)
+    mixing = torch.randn(inp, inp) / inp**0.5 + torch.eye(inp)
+    x = torch.randn(2048, inp) @ mixing * torch.linspace(0.2, 2, inp)  # correlated inputs
+    gram = (x.T @ x).double()
+    energy = torch.rand(out, dtype=torch.float64) + 0.5
+    config = GPTQ(bits=bits, group_size=64)
+    model, rtn = (form_costs(weight, gram, energy, [Form(bits, 64)], config, columns)[0]
+                  for columns in (gptq_column_weights(gram, config), None))
+    error = weight - quantize_gptq(weight, gram, config).weight.dequantize()
+    actual = 0.5 * float((energy * ((error.double() @ gram) * error.double()).sum(1)).sum())
+    assert actual / 1.2 < model < actual * 1.2
+    assert rtn > 2 * actual
 
 
 def test_layer_statistics_are_the_full_models_gradients():
