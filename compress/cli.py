@@ -2,7 +2,7 @@
 
     compress --model demo --rank-budget 0.5 --wbits 4 --out demo-r50-w4
     compress eval DIR [--ppl demo] [--tasks python_next_line --limit 200] [--json FILE]
-    compress export DIR --format gptq|dense|native|onnx --out OUT [--merge-lowrank]
+    compress export DIR --format gptq|compressed-tensors|dense|native|onnx --out OUT [--merge-lowrank]
     compress report DIR1 DIR2 ... --out REPORT_DIR
     compress compensate --model QUANTIZED_DIR [--original MODEL] --rank 64 [--method eora|lorc] --out OUT
 """
@@ -347,7 +347,8 @@ def run_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="compress export",
                                      description="Write a compressed output in a serving format.")
     parser.add_argument("model", type=Path, help="a compressed output directory (this tool's native format)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="gptq (+ LoRA adapter), dense, native or onnx")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="gptq or compressed-tensors (+ LoRA adapter), dense, native or onnx")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",

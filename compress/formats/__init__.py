@@ -2,7 +2,7 @@
 
     native              this tool's output: CompressedLinear layers as computed (read, written)
     gptq                AutoGPTQ / GPTQModel / transformers / vLLM GPTQ checkpoints (read, written)
-    compressed_tensors  llm-compressor's pack-quantized checkpoints (read)
+    compressed_tensors  llm-compressor's pack-quantized checkpoints (read, written)
     lora                PEFT LoRA adapters, the low-rank part beside a quantized checkpoint (read, written)
     dense               a plain transformers checkpoint with every layer merged (written)
     onnx                an ONNX graph of the merged model, checked with onnxruntime (written)
@@ -23,7 +23,7 @@ from safetensors import safe_open
 from compress.errors import CompressError
 from compress.formats import native
 from compress.formats.compressed_tensors import QUANTIZED_TENSORS as CT_TENSORS
-from compress.formats.compressed_tensors import read_pack_quantized
+from compress.formats.compressed_tensors import read_pack_quantized, write_compressed_tensors
 from compress.formats.dense import DTYPES, merge_layers, storage_dtype, write_dense
 from compress.formats.gptq import GPTQ_CHECKPOINT_FORMATS, read_gptq, write_gptq
 from compress.formats.gptq import QUANTIZED_TENSORS as GPTQ_TENSORS
@@ -33,7 +33,7 @@ from compress.formats.onnx import write_onnx
 from compress.layer import CompressedLinear
 from compress.models import empty_model, fill_model, load_model
 
-FORMATS = ("gptq", "dense", "native", "onnx")
+FORMATS = ("gptq", "compressed-tensors", "dense", "native", "onnx")
 RECORD = "export.json"
 
 
@@ -81,6 +81,8 @@ def export(source: str | Path, fmt: str, out: str | Path, options: ExportOptions
     gptq    qweight, qzeros, scales, g_idx and a quantization_config; the low-rank part of `base + up @ down` beside
             it in adapter/ as a PEFT LoRA (lora_B @ lora_A = up @ down, lora_alpha = r), its rank zero-padded to one
             vLLM accepts.
+    compressed-tensors  llm-compressor's pack-quantized format (what vLLM serves), the integers carried over, one
+            config group per grid; the low-rank part in adapter/ as for gptq.
     dense   every layer merged back to W = base + up @ down, saved with save_pretrained (sharded, with an index).
     native  a byte-for-byte copy whose checksums are verified after copying.
     onnx    the dense model through torch.onnx.export, run with onnxruntime and compared with the compressed model.
@@ -102,8 +104,8 @@ def export(source: str | Path, fmt: str, out: str | Path, options: ExportOptions
         elif fmt == "onnx":
             warnings, checks = [], write_onnx(model, tokenizer, tmp, options.onnx_tolerance)
         else:
-            warnings, checks = write_gptq(model, tokenizer, tmp, config["recipe"], options,
-                                          adapter_base=str(out.resolve()))
+            writer = write_gptq if fmt == "gptq" else write_compressed_tensors
+            warnings, checks = writer(model, tokenizer, tmp, config["recipe"], options, adapter_base=str(out.resolve()))
         record = {"format": fmt, "source": str(source.resolve()), "base_model": config.get("base_model"),
                   "options": asdict(options), "warnings": warnings, "checks": checks}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")

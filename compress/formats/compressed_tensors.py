@@ -19,15 +19,31 @@ Layout (vllm-project/compressed-tensors `compressors/pack_quantized/{base,helper
   "actorder": null, "dynamic": false}}}}.
   W = weight_scale[o, g(i)] * (q[o, i] - zero_point[o, g(i)]).
 
-Reading: `read_pack_quantized` dequantizes every quantized linear of a checkpoint exactly.
+Reading: `read_pack_quantized` dequantizes every quantized linear of a checkpoint exactly. Writing:
+`write_compressed_tensors` turns a compressed model's quantized bases into such a checkpoint, the integers carried
+over unchanged (the grid's unsigned int is the stored field), one config group per grid (a --bpw mix: several, each
+naming its modules), and the low-rank parts beside it as a PEFT LoRA adapter, as the GPTQ export does.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
+from torch import nn
 
-from compress.formats.gptq import WORD, pack_words, unpack_words
+from compress.errors import CompressError
+from compress.formats.gptq import (WORD, GPTQLayer, gptq_layers, merged_warnings, pack_words, plain_linears,
+                                   quantized_state, save_quantized, unpack_words, write_adapter)
 from kernels import grid
+from kernels.grid import QuantizedWeight
 
+if TYPE_CHECKING:
+    from compress.formats import ExportOptions
+
+CT_VERSION = "0.18.0"  # the first release that packs densely, as written here
+VLLM_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 kernels
 QUANTIZED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 
 
@@ -138,24 +154,111 @@ def dequantize_compressed_tensors(weight_packed: torch.Tensor, weight_scale: tor
 def read_pack_quantized(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """{module name: dequantized weight (out, in) float32} of every `<name>.weight_packed` in a checkpoint's tensors.
 
-    config: its quantization_config (one config group; its version picks the dense or the older packing)."""
-    groups = config["config_groups"]
-    if len(groups) != 1:
-        raise ValueError(f"one config group is supported, found {len(groups)}")
-    scheme = next(iter(groups.values()))["weights"]
-    bits, symmetric = int(scheme["num_bits"]), bool(scheme["symmetric"])
-    group_size = scheme.get("group_size") if scheme.get("strategy") == "group" else None
+    config: its quantization_config (its version picks the dense or the older packing; each module takes the scheme
+    of the config group that names it, else of the one targeting every Linear)."""
     dense = _version(config.get("version")) >= (0, 18)  # older releases packed 32 // bits values per word
     weights = {}
     for key in tensors:
         if not key.endswith(".weight_packed"):
             continue
         name = key.removesuffix(".weight_packed")
+        scheme = module_scheme(name, config)
+        bits, symmetric = int(scheme["num_bits"]), bool(scheme["symmetric"])
+        group_size = scheme.get("group_size") if scheme.get("strategy") == "group" else None
         weights[name] = dequantize_compressed_tensors(
             tensors[key], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.weight_zero_point"),
             tensors.get(f"{name}.weight_g_idx"), tensors[f"{name}.weight_shape"], bits, symmetric, group_size,
             dense=dense)
     return weights
+
+
+def module_scheme(name: str, config: dict) -> dict:
+    """The weights scheme of one module: the config group whose targets name it (exactly or by an "re:" pattern),
+    else the group targeting "Linear"."""
+    import re
+
+    fallback = None
+    for group in config["config_groups"].values():
+        for target in group.get("targets", []):
+            if target == name or (target.startswith("re:") and re.match(target[3:], name)):
+                return group["weights"]
+            if target == "Linear":
+                fallback = group["weights"]
+    if fallback is None:
+        raise ValueError(f"no config group targets {name}")
+    return fallback
+
+
+def ct_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A QuantizedWeight as pack-quantized stores it. The stored field is the signed int plus 2**(bits-1), which is
+    the grid's unsigned int itself; the signed zero point is the grid's zero minus 2**(bits-1) (0 when symmetric)."""
+    bits = quantized.bits
+    tensors = {f"{name}.weight_packed": pack_fields(quantized.ints(), bits),
+               f"{name}.weight_scale": quantized.scales.contiguous(),
+               f"{name}.weight_shape": torch.tensor(list(quantized.shape))}
+    if not quantized.symmetric:  # packed along the output dim, with the same offset: the grid's zeros
+        tensors[f"{name}.weight_zero_point"] = pack_fields(quantized.zeros().T, bits).T.contiguous()
+    return tensors
+
+
+def ct_scheme(quantized: QuantizedWeight) -> dict:
+    channel = quantized.group_size >= quantized.shape[1]
+    return {"num_bits": quantized.bits, "type": "int", "symmetric": quantized.symmetric,
+            "strategy": "channel" if channel else "group", "group_size": None if channel else quantized.group_size,
+            "actorder": None, "dynamic": False, "observer": "minmax"}
+
+
+def ct_config(layers: dict[str, GPTQLayer], ignore: list[str]) -> dict:
+    """quantization_config: one config group targeting every Linear when all layers share a scheme, else one group
+    per scheme naming its modules (largest first)."""
+    schemes: dict[str, list[str]] = {}
+    for name, layer in layers.items():
+        schemes.setdefault(json.dumps(ct_scheme(layer.quantized), sort_keys=True), []).append(name)
+
+    def size(names: list[str]) -> int:
+        return sum(layers[n].quantized.shape[0] * layers[n].quantized.shape[1] for n in names)
+
+    ordered = sorted(schemes.items(), key=lambda item: -size(item[1]))
+    groups = {f"group_{i}": {"targets": ["Linear"] if len(schemes) == 1 else names, "weights": json.loads(scheme),
+                             "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+              for i, (scheme, names) in enumerate(ordered)}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "version": CT_VERSION, "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None,
+            "global_compression_ratio": None}
+
+
+def write_compressed_tensors(model: nn.Module, tokenizer, directory: Path, recipe: dict, options: "ExportOptions",
+                             adapter_base: str) -> tuple[list[str], dict]:
+    """The pack-quantized checkpoint (safetensors shards, config.json with its quantization_config) and adapter/
+    when there are factors; layers without a quantized base are refused unless options.merge_lowrank."""
+    layers = gptq_layers(model, recipe, options)
+    reordered = [name for name, layer in layers.items() if layer.quantized.g_idx is not None]
+    if reordered:
+        raise CompressError(f"{reordered[0]} has act-order groups (g_idx), which compressed-tensors no longer holds "
+                            "(removed in 0.20): compress with static groups (the default) or export --format gptq")
+    plain = plain_linears(model)
+    head = [name for name, module in model.named_modules() if module is model.get_output_embeddings()]
+    config = ct_config(layers, plain + head)
+    save_quantized(model, tokenizer, directory, quantized_state(model, layers, ct_tensors, "pack-quantized"), config,
+                   options.max_shard_size)
+    warnings = []
+    odd = sorted({layer.quantized.bits for layer in layers.values()} - set(VLLM_BITS))
+    if odd:
+        warnings.append(f"{odd}-bit layers: vLLM's compressed-tensors kernels serve {VLLM_BITS[0]} and "
+                        f"{VLLM_BITS[1]} bits; transformers and the compressed-tensors library read them")
+    if plain:
+        warnings.append(f"{len(plain)} linear layers the recipe left out (e.g. {plain[0]}) stay fp16, listed in "
+                        "quantization_config.ignore")
+    if len(config["config_groups"]) > 1:
+        warnings.append(f"{len(config['config_groups'])} config groups (layers of several grids): vLLM and the "
+                        "compressed-tensors library read each layer's own; transformers (5.x) decompresses every "
+                        "dense layer with the first group's scheme, so load this export there only after "
+                        "decompressing it with the library")
+    checks = {"config_groups": len(config["config_groups"]),
+              "bits": sorted({layer.quantized.bits for layer in layers.values()})}
+    bits = (recipe.get("quantize") or {}).get("bits", 4)
+    return warnings + merged_warnings(layers, options.merge_bits or bits), \
+        {**checks, **write_adapter(layers, adapter_base, directory, warnings)}
 
 
 def _version(text: str | None) -> tuple[int, ...]:

@@ -293,25 +293,15 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
                adapter_base: str) -> tuple[list[str], dict]:
     """The GPTQ checkpoint (safetensors shards, config.json + quantize_config.json) and adapter/ when there are
     factors."""
-    from huggingface_hub import save_torch_state_dict
-
     layers = gptq_layers(model, recipe, options)
     config = gptq_config(layers, recipe, options.checkpoint_format)
-    plain = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and module is not model.get_output_embeddings()]
+    plain = plain_linears(model)
     if plain:  # layers the recipe left out stay fp16; GPTQModel's `dynamic` "-:" entries tell loaders to skip them
         config["dynamic"] = {**config.get("dynamic", {}), **{f"-:^{re.escape(name)}$": {} for name in plain}}
-    state = gptq_state(model, layers, options.checkpoint_format)
-    save_torch_state_dict(state, directory, max_shard_size=options.max_shard_size, metadata={"format": "pt"})
-    model.config.dtype = torch.float16
-    model.config.save_pretrained(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**hf_config, "quantization_config": config}, indent=2) + "\n")
+    state = quantized_state(model, layers, lambda name, quantized: gptq_tensors(name, quantized,
+                                                                                options.checkpoint_format), "GPTQ")
+    save_quantized(model, tokenizer, directory, state, config, options.max_shard_size)
     (directory / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
 
     zero_point_zeros = 0
     if options.checkpoint_format == "gptq" and not config["sym"]:
@@ -321,17 +311,49 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
         warnings.append(f"{len(plain)} linear layers the recipe left out (e.g. {plain[0]}) stay fp16, marked as "
                         "skipped in quantization_config.dynamic; vLLM cannot serve a fused qkv/gate_up layer that "
                         "mixes both")
-    merged = [name for name, layer in layers.items() if layer.merged]
-    if merged:
-        warnings.append(f"{len(merged)} layers merged to base + up @ down and requantized ({config['bits']}-bit RTN): "
-                        "their outputs differ from the compressed model's")
     overridden = sum(not key.startswith("-:") for key in config.get("dynamic", {}))
     if overridden:
         warnings.append(f"{overridden} layers differ from the config's {config['bits']}-bit group {config['group_size']}"
                         " and carry GPTQModel `dynamic` overrides: GPTQModel, transformers and vLLM read them, older "
                         "AutoGPTQ loaders do not")
-    checks = {"layers": len(layers), "merged_layers": len(merged), "dynamic_overrides": overridden,
-              **{key: config[key] for key in ("bits", "group_size", "sym")}}
+    checks = {"dynamic_overrides": overridden, **{key: config[key] for key in ("bits", "group_size", "sym")}}
+    return warnings + merged_warnings(layers, config["bits"]), \
+        {**checks, **write_adapter(layers, adapter_base, directory, warnings)}
+
+
+def plain_linears(model: nn.Module) -> list[str]:
+    """The linears left uncompressed (the output head aside)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not model.get_output_embeddings()]
+
+
+def save_quantized(model: nn.Module, tokenizer, directory: Path, state: dict[str, torch.Tensor], config: dict,
+                   max_shard_size: str) -> None:
+    """The checkpoint's tensors in safetensors shards, config.json with `config` as its quantization_config, the
+    generation config and the tokenizer."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    model.config.dtype = torch.float16
+    model.config.save_pretrained(directory)
+    hf_config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**hf_config, "quantization_config": config}, indent=2) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def merged_warnings(layers: dict[str, GPTQLayer], bits: int) -> list[str]:
+    merged = [name for name, layer in layers.items() if layer.merged]
+    return [f"{len(merged)} layers merged to base + up @ down and requantized ({bits}-bit RTN): their outputs differ "
+            "from the compressed model's"] if merged else []
+
+
+def write_adapter(layers: dict[str, GPTQLayer], adapter_base: str, directory: Path, warnings: list[str]) -> dict:
+    """The layers' low-rank parts as a PEFT LoRA in directory/adapter (one rank, zero-padded to one vLLM accepts);
+    returns the checks for the export record."""
+    checks = {"layers": len(layers), "merged_layers": sum(layer.merged for layer in layers.values())}
     factors = {name: layer.factors for name, layer in layers.items() if layer.factors is not None}
     if factors:
         rank = lora_rank({down.shape[0] for _, down in factors.values()})
@@ -341,11 +363,12 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
         save_lora_adapter(padded, adapter_base, directory / ADAPTER)
         checks.update(adapter_layers=len(factors), adapter_rank=rank,
                       factor_ranks=sorted({down.shape[0] for _, down in factors.values()}))
-    return warnings, checks
+    return checks
 
 
-def gptq_state(model: nn.Module, layers: dict[str, GPTQLayer], checkpoint_format: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: GPTQ tensors (+ fp16 bias) per layer, the rest of the model in fp16."""
+def quantized_state(model: nn.Module, layers: dict[str, GPTQLayer], tensors, fmt: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized checkpoint: tensors(name, quantized) per layer (+ its fp16 bias), the rest of the
+    model in fp16 (a tied head left out)."""
     prefixes = tuple(f"{name}." for name in layers)
     state = {key: (t.half() if t.is_floating_point() else t).contiguous() for key, t in model.state_dict().items()
              if not key.startswith(prefixes)}
@@ -353,9 +376,9 @@ def gptq_state(model: nn.Module, layers: dict[str, GPTQLayer], checkpoint_format
         state.pop("lm_head.weight", None)
     for name, layer in layers.items():
         try:
-            state.update(gptq_tensors(name, layer.quantized, checkpoint_format))
+            state.update(tensors(name, layer.quantized))
         except ValueError as exc:
-            raise CompressError(f"{name} cannot be packed as GPTQ: {exc}") from None
+            raise CompressError(f"{name} cannot be packed as {fmt}: {exc}") from None
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias.half().contiguous()
     return state

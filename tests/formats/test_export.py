@@ -127,6 +127,68 @@ def test_a_bpw_mix_exports_as_gptq_with_per_module_overrides(compressed, tmp_pat
         assert torch.equal(weights[name], layer.base.operand().dequantize()), name
 
 
+def library_decompressed(path):
+    """The compressed-tensors library's own decompression of a pack-quantized directory: each module gets the scheme
+    of the config group that targets it (apply_quantization_config), takes the checkpoint's tensors as they are,
+    and ModelCompressor.decompress_model unpacks it."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = QuantizationConfig.model_validate(json.loads((path / "config.json").read_text())["quantization_config"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    apply_quantization_config(model, config)
+    for file in path.glob("*.safetensors"):
+        for key, tensor in load_file(file).items():
+            owner, attribute = key.rsplit(".", 1)
+            module = model.get_submodule(owner)
+            if hasattr(module, attribute):
+                delattr(module, attribute)
+            module.register_parameter(attribute, torch.nn.Parameter(tensor, requires_grad=False))
+    ModelCompressor(quantization_config=config).decompress_model(model)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["bpw", "sym-eora"])
+def test_compressed_tensors_export_is_what_the_library_decompresses(compressed, tmp_path, variant):
+    """The library unpacks every layer to our own integers times our fp16 scales (in fp16, as it computes), one config
+    group per grid; our reader gets the float32 values exactly."""
+    from compress.formats import read_quantized
+
+    _, own = layers(compressed / variant)
+    exported = export(compressed / variant, "compressed-tensors", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    grids = {(m.base.bits, m.base.group_size) for m in own.values()}
+    assert len(config["config_groups"]) == len(grids) and config["ignore"] == ["lm_head"]
+    assert (len(grids) > 1) == any("config groups" in warning for warning in exported.warnings)
+    model = library_decompressed(tmp_path / "ct")
+    ours = read_quantized(tmp_path / "ct").weights
+    for name, layer in own.items():
+        values = layer.base.operand().dequantize()
+        assert torch.equal(model.get_submodule(name).weight.detach(), values.half().float()), name
+        assert torch.equal(ours[name], values), name
+    assert (tmp_path / "ct" / "adapter").exists() == any(layer.up is not None for layer in own.values())
+
+
+def test_act_order_groups_are_refused_for_compressed_tensors(compressed, tmp_path):
+    with pytest.raises(CompressError, match="has act-order groups"):
+        export(compressed / "asym-actorder", "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_transformers_loads_a_compressed_tensors_export(compressed, tmp_path):
+    """transformers' compressed-tensors integration, decompressing on load, gives the quantized bases' values."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    _, own = layers(compressed / "sym-eora")
+    export(compressed / "sym-eora", "compressed-tensors", tmp_path / "ct")
+    config = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, quantization_config=config)
+    for name, layer in own.items():
+        assert torch.equal(model.get_submodule(name).weight.detach(),
+                           layer.base.operand().dequantize().half().float()), name
+
+
 def test_layers_left_out_stay_fp16_and_are_marked_skipped(compressed, tmp_path):
     from torch import nn
 
