@@ -52,9 +52,10 @@ GROUP_SIZES = (32, 64, 128)
 COMPENSATED = ((2, 128), (3, 128))  # (bits, group size) of the bases that may be compensated
 COMPENSATE_RANKS = (16, 32, 64)
 # factorized forms: ranks as shares of the rank whose fp16 factors hold as many numbers as the weight,
-# out * in / (out + in), with factors of 4 or 8 bits in groups of 128
+# out * in / (out + in), with 8-bit factors in groups of 128. Not 4-bit: a row of `up` spans the singular directions,
+# whose scales differ by orders of magnitude, and on the demo such factors erred 2-140x more than their estimate.
 FACTOR_SHARES = (1 / 8, 1 / 4, 1 / 2)
-FACTOR_BITS = (4, 8)
+FACTOR_BITS = (8,)
 FACTORIZE = SVDLLM()  # the factorization of factorized forms: data-aware truncation, what their costs assume
 SAMPLED_ROWS = 64  # rows of a larger layer on which a form's output error is measured (evenly spaced)
 PLAN_TOKENS = 2048  # calibration tokens the plan reads (whole windows, at least one)
