@@ -238,6 +238,34 @@ def speed(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def budget_of(name: str) -> float | None:
+    """The --bpw budget of a searched run's name (gptaq-bpw3.25), None for other runs."""
+    option = next((part for part in name.split("-") if part.startswith("bpw")), None)
+    return float(option[3:]) if option else None
+
+
+def searched(rows: list[dict]) -> str:
+    """Each --bpw run against the best uniform project recipe and the best peer within its budget."""
+    lines = ["| budget | met | perplexity | search share | best uniform <= budget | its ppl | best peer <= budget |"
+             " its ppl |", "|---|---|---|---|---|---|---|---|"]
+    for row in sorted((r for r in rows if budget_of(r["name"])), key=lambda r: budget_of(r["name"])):
+        budget = budget_of(row["name"])
+
+        def best(candidates: list[dict]) -> dict | None:
+            fitting = [r for r in candidates if r["bits_per_weight"] <= budget]
+            return min(fitting, key=lambda r: r["perplexity"]) if fitting else None
+
+        uniform = best([r for r in rows if r["tool"] == "compress" and not budget_of(r["name"])])
+        peer = best([r for r in rows if r["tool"] != "compress"])
+        share = row.get("search_seconds", 0) / row["seconds"]
+        lines.append(f"| {budget:g} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {share:.0%} | "
+                     + (f"{uniform['name']} ({uniform['bits_per_weight']:.3f}) | {uniform['perplexity']:.3f} | "
+                        if uniform else "- | - | ")
+                     + (f"{peer['name']} ({peer['bits_per_weight']:.3f}) | {peer['perplexity']:.3f} |"
+                        if peer else "- | - |"))
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def pareto(rows: list[dict]) -> list[dict]:
     """The rows no other row beats in both bits per weight and perplexity, by increasing bits."""
     front = [r for r in rows if not any(o["bits_per_weight"] <= r["bits_per_weight"] and
@@ -254,10 +282,14 @@ def plot(rows: list[dict], fp: float, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"compress": "o", "llmcompressor-gptq": "s", "autoround": "^", "hqq": "D"}
     for tool, marker in markers.items():
-        points = [r for r in rows if r["tool"] == tool]
+        points = [r for r in rows if r["tool"] == tool and not budget_of(r["name"])]
         if points:
             ax.scatter([r["bits_per_weight"] for r in points], [r["perplexity"] for r in points], marker=marker,
                        label="this project" if tool == "compress" else tool, s=36, zorder=3)
+    mixes = [r for r in rows if budget_of(r["name"])]
+    if mixes:
+        ax.scatter([r["bits_per_weight"] for r in mixes], [r["perplexity"] for r in mixes], marker="*", s=90,
+                   color="tab:red", label="this project: --bpw mix", zorder=4)
     front = pareto([r for r in rows if r["tool"] == "compress"])
     ax.plot([r["bits_per_weight"] for r in front], [r["perplexity"] for r in front], "-", color="tab:blue",
             alpha=0.6, label="this project: Pareto front")
@@ -317,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads}
     path = args.out / "results.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    rows = {row["name"]: row for row in record.get("rows", [])} if record.get("settings") == settings else {}
+    if record.get("rows") and record.get("settings") != settings:
+        print(f"error: {path} holds runs with other settings ({record.get('settings')}); give the same settings or "
+              "another --out", file=sys.stderr)
+        return 1
+    rows = {row["name"]: row for row in record.get("rows", [])}
     record = {"settings": settings, "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
               "torch": torch.__version__, "peer_versions": record.get("peer_versions", {}), "rows": list(rows.values())}
     if "fp" not in rows or args.rerun:
@@ -349,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     scored = [row for row in rows.values() if row["name"] != "fp"]
     versions = ", ".join(f"{package} {version}" for package, version in record["peer_versions"].items())
     (args.out / "table.md").write_text(f"{table(scored, fp)}\n\nuncompressed perplexity {fp:.3f}; peers: {versions}"
-                                       f"\n\n{speed(scored)}\n")
+                                       f"\n\n{speed(scored)}\n\n{searched(scored)}\n")
     if scored:
         plot(scored, fp, args.out / "pareto.png", f"{Path(directory).name}: perplexity against size "
                                                    f"({args.nsamples} x {args.seqlen} calibration tokens)")

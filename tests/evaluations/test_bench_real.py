@@ -4,7 +4,7 @@ import json
 import pytest
 
 from compress import GPTAQ, GPTQ, Calibration, CompressError, EoRA
-from evaluations.bench_real import pareto, parse_peer, parse_recipe, peer_options, save
+from evaluations.bench_real import budget_of, pareto, parse_peer, parse_recipe, peer_options, save, searched
 
 CALIBRATION = Calibration(nsamples=8, seqlen=512)
 
@@ -50,3 +50,16 @@ def test_two_runs_sharing_an_output_keep_each_others_rows(tmp_path):
     assert {row["name"] for row in json.loads(path.read_text())["rows"]} == {"fp", "a", "b"}
     other = {"settings": {**settings, "nsamples": 16}, "peer_versions": {}, "rows": []}
     assert set(save(path, other, {"c": {"name": "c"}})) == {"c"}  # other settings: the old rows are not mixed in
+
+
+def test_a_searched_mix_is_compared_with_what_fits_its_budget():
+    assert parse_recipe("gptaq-bpw3.25", Calibration()).bpw == 3.25 and budget_of("gptaq-bpw3.25") == 3.25
+    assert budget_of("gptaq-w3-g64") is None
+    rows = [{"name": "gptaq-bpw3.5", "tool": "compress", "bits_per_weight": 3.49, "perplexity": 15.0, "seconds": 100,
+             "search_seconds": 20},
+            {"name": "gptaq-w3-g64", "tool": "compress", "bits_per_weight": 3.3, "perplexity": 16.0, "seconds": 90},
+            {"name": "gptaq-w3-g32", "tool": "compress", "bits_per_weight": 3.6, "perplexity": 14.0, "seconds": 90},
+            {"name": "gptaq-w3-g128", "tool": "compress", "bits_per_weight": 3.2, "perplexity": 17.0, "seconds": 90},
+            {"name": "hqq-w3-g64", "tool": "hqq", "bits_per_weight": 3.7, "perplexity": 90.0, "seconds": 9}]
+    line = searched(rows).splitlines()[-1]
+    assert line.startswith("| 3.5 | 3.490 | 15.000 | 20% | gptaq-w3-g64 (3.300) | 16.000 | - | - |")
