@@ -203,12 +203,13 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, rows: int = 512) -> float:
     """Relative layer output error ||(W - W') X||_F / ||W X||_F computed from the Gram X X^T.
 
-    tr(E G E^T) is summed a block of rows at a time, so that no (out, in) float64 temporaries are held."""
-    gram = gram.double()
+    tr(E G E^T) is summed a block of rows at a time, so that no (out, in) temporaries are held; the products are
+    float32 (a report's figure: twice as fast as float64 and within about 1e-5 of it), summed in float64."""
+    gram = gram.float()
     num = den = 0.0
     for rows_w, rows_a in zip(weight.split(rows), approx.split(rows)):
-        rows_w = rows_w.double()
-        error = rows_w - rows_a.double()
-        num += ((error @ gram) * error).sum().item()
-        den += ((rows_w @ gram) * rows_w).sum().item()
+        rows_w = rows_w.float()
+        error = rows_w - rows_a.float()
+        num += ((error @ gram) * error).sum(dtype=torch.float64).item()
+        den += ((rows_w @ gram) * rows_w).sum(dtype=torch.float64).item()
     return (max(num, 0.0) / max(den, 1e-30)) ** 0.5

@@ -178,18 +178,17 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
         return 0.5 * out / len(rows) * float((energy[rows].double() * row_errors).sum())
 
     @cache
-    def compensated_spectrum(bits: int, group_size: int) -> torch.Tensor:
-        if column_weights is None:
-            return residual_spectrum(rtn_error(weight, bits, group_size, quantize.symmetric, quantize.clip), gram,
-                                     energy, root)
-        # GPTQ's whitened error: independent noise of the modelled variance (seeded: the same plan every run), each
-        # row taking the variances of the nearest sampled row
-        nearest = (torch.arange(out)[:, None] - rows[None, :]).abs().argmin(1)
-        noise = torch.rand(out, inp, generator=torch.Generator().manual_seed(0)) - 0.5
-        whitened = noise * (12 * group_variance(bits, group_size)[nearest] * column_weights).sqrt()
-        whitened *= energy.float().sqrt()[:, None]
-        matrix = whitened @ whitened.T if out <= inp else whitened.T @ whitened
-        return torch.linalg.eigvalsh(matrix).double().flip(0).clamp(min=0)  # float32: its tails are what count
+    def compensated_residuals(bits: int, group_size: int) -> torch.Tensor:
+        """residuals[r]: the weighted output error left by EoRA's rank-r term (its directions chosen unweighted)."""
+        if column_weights is None:  # RTN: its own error, whitened
+            whitened = rtn_error(weight, bits, group_size, quantize.symmetric, quantize.clip) @ \
+                (symmetric_root(gram) if root is None else root)
+        else:  # GPTQ's whitened error: independent noise of the modelled variance (seeded: the same plan every run),
+            # each row taking the variances of the nearest sampled row
+            nearest = (torch.arange(out)[:, None] - rows[None, :]).abs().argmin(1)
+            noise = torch.rand(out, inp, generator=torch.Generator().manual_seed(0)) - 0.5
+            whitened = noise * (12 * group_variance(bits, group_size)[nearest] * column_weights).sqrt()
+        return eora_residuals(whitened, energy)
 
     @cache
     def truncation_spectrum() -> torch.Tensor:
@@ -200,7 +199,7 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
         if form.factorized:  # truncation, plus about what the factors' grid costs the weight itself
             costs.append(0.5 * float(truncation_spectrum()[form.rank:].sum()) + quantization_cost(form.bits, 128))
         elif form.rank:
-            costs.append(0.5 * float(compensated_spectrum(form.bits, form.group_size)[form.rank:].sum()))
+            costs.append(0.5 * float(compensated_residuals(form.bits, form.group_size)[form.rank]))
         else:
             costs.append(quantization_cost(form.bits, form.group_size))
     return costs
@@ -225,6 +224,21 @@ def gptq_column_weights(gram: torch.Tensor, config: GridConfig) -> torch.Tensor 
     weights = torch.empty(len(gram), dtype=torch.float32)
     weights[perm] = factor.diagonal().float().square().reciprocal()
     return weights
+
+
+def eora_residuals(whitened: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """For a whitened error A (out, in) (E G^1/2, or any whitening: the result does not depend on which), sum_o f_o
+    ||row o of A - A_r||^2 for every rank r (index r, float64), A_r the best unweighted rank-r approximation, as
+    EoRA takes it: its directions are the top right singular vectors of A, whatever the weights f."""
+    energy = energy.double()
+    if whitened.shape[0] <= whitened.shape[1]:  # A V_r = U_r S_r: row o keeps sum_{i<=r} U_oi^2 s_i^2
+        values, vectors = torch.linalg.eigh(whitened @ whitened.T)
+        kept = vectors.flip(1).double().square() * values.flip(0).double().clamp(min=0)
+    else:
+        _, vectors = torch.linalg.eigh(whitened.T @ whitened)
+        kept = (whitened @ vectors.flip(1)).double().square()
+    weighted = torch.cat([torch.zeros(1, dtype=torch.float64), (energy @ kept).cumsum(0)])
+    return (float(energy @ whitened.double().square().sum(1)) - weighted).clamp(min=0)
 
 
 def residual_spectrum(error: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor,

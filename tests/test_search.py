@@ -14,8 +14,8 @@ from compress.errors import CompressError
 from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.rtn import RTN
 from compress.quantize.gptq import quantize_gptq
-from compress.search import (Form, form_bits, form_configs, form_costs, gptq_column_weights, layer_statistics, menu,
-                             residual_spectrum)
+from compress.search import (Form, eora_residuals, form_bits, form_configs, form_costs, gptq_column_weights,
+                             layer_statistics, menu, residual_spectrum)
 from compress.stages import compress_linear
 from tests.conftest import tiny_llama
 
@@ -91,6 +91,21 @@ def test_gptq_cost_model_matches_gptqs_error(bits):
     actual = 0.5 * float((energy * ((error.double() @ gram) * error.double()).sum(1)).sum())
     assert actual / 1.2 < model < actual * 1.2
     assert rtn > 2 * actual
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_compensated_residuals_are_eoras_unweighted_truncation_weighted(shape):
+    """EoRA keeps the top singular directions of the whitened error whatever the gradient weights: the residuals
+    equal sum_o f_o ||row o of (A - A_r)||^2 with A_r from the SVD, for every rank."""
+    torch.manual_seed(2)
+    whitened = torch.randn(*shape, dtype=torch.float64) * torch.rand(shape[0], 1, dtype=torch.float64)
+    energy = torch.rand(shape[0], dtype=torch.float64) + 0.1
+    residuals = eora_residuals(whitened.float(), energy)
+    u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+    total = float(residuals[0])
+    for rank in (0, 1, 5, min(shape)):  # float32 products: within 1e-6 of the total
+        residual = whitened - u[:, :rank] * s[:rank] @ vh[:rank]
+        assert float(residuals[rank]) == pytest.approx(float(energy @ residual.square().sum(1)), abs=1e-6 * total)
 
 
 def test_layer_statistics_are_the_full_models_gradients():
