@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.cpu_int4 import Int4CPU
 from kernels.grid import QuantizedWeight
 from kernels.reference import materialize
 
@@ -86,6 +87,8 @@ class CompressedLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.kernel = kernel  # which matmul serves forward (kernels.lowrank_linear): auto, reference or triton
         self.dense_operands: dict | None = None  # see keep_dense
+        self.served: Int4CPU | None = None  # see serve_on_cpu
+        self.served_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_parts(cls, base, up, down, bias=None, kernel: str = "auto") -> "CompressedLinear":
@@ -130,7 +133,28 @@ class CompressedLinear(nn.Module):
         while the layer's block is calibrated)."""
         self.dense_operands = {} if keep else None
 
+    def serve_on_cpu(self) -> bool:
+        """Serve forward through torch's CPU int4 kernel (kernels.cpu_int4, bfloat16) when the base allows it, the
+        low-rank part as two small float32 matmuls; the base's own buffers are dropped, so the layer holds the packed
+        size once but can no longer be saved. Returns whether the layer is served so."""
+        if not isinstance(self.base, PackedTensor):
+            return False
+        served = Int4CPU.from_quantized(self.base.operand())
+        if served is None:
+            return False
+        self.served, self.base = served, None
+        if self.up is not None:
+            self.served_factors = (materialize(self.up.operand(), torch.float32),
+                                   materialize(self.down.operand(), torch.float32))
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.served is not None:
+            y = self.served(x)
+            if self.served_factors is not None:
+                up, down = self.served_factors
+                y = y + ((x.to(down.dtype) @ down.T) @ up.T).to(y.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.dense_operands is None:
             return kernels.lowrank_linear(x, *self.operands(), self.bias, kernel=self.kernel)
         operands = self.dense_operands.get(x.dtype)
@@ -142,3 +166,11 @@ class CompressedLinear(nn.Module):
         parts = ", ".join(f"{name}={part.spec()['kind']}"
                           for name, part in (("base", self.base), ("up", self.up)) if part)
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {parts}"
+
+
+def serve_on_cpu(model: nn.Module) -> dict[str, int]:
+    """Serve every CompressedLinear that the CPU int4 kernel takes through it (CompressedLinear.serve_on_cpu), for
+    inference only; returns how many layers are served so and how many keep the reference path."""
+    layers = [layer for layer in model.modules() if isinstance(layer, CompressedLinear)]
+    served = sum(layer.serve_on_cpu() for layer in layers)
+    return {"int4": served, "reference": len(layers) - served}

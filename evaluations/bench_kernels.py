@@ -3,10 +3,12 @@ kernel on Llama-3-8B layer shapes at batch 1, 16 and 2048; then decode tokens/s 
 
     python -m evaluations.bench_kernels                      # GPU: CUDA events, the 8B shapes and an 8B-shaped model
     python -m evaluations.bench_kernels --llama-layers 8     # a shallower 8B-shaped model
-    python -m evaluations.bench_kernels --scale 8            # CPU default: shapes / 8, the reference path
+    python -m evaluations.bench_kernels --scale 8            # CPU default: shapes / 8
+    python -m evaluations.bench_kernels --scale 1 --batches 1 16 --repeat 5    # CPU, the 8B shapes
 
-On a CPU the Triton kernels only run in the interpreter, so only the reference path, torch's CPU int4 kernel and
-dense matmul are timed (small shapes), and the output says that the GPU figures were not measured.
+On a CPU the Triton kernels only run in the interpreter, so the reference path, the layer served through torch's
+CPU int4 kernel (`serve_on_cpu`), that kernel alone and dense matmul are timed, the demo and a two-block
+8B-shaped model decode dense, compressed and served, and the output says that the GPU figures were not measured.
 Writes evaluations/results/bench_kernels/results.json.
 """
 from __future__ import annotations
@@ -116,6 +118,7 @@ def int4_torch(x: torch.Tensor, out_features: int, g: torch.Generator) -> Callab
 
 def bench_layers(shapes, batches, dtype: torch.dtype, device: torch.device, repeat: int, warmup: int) -> list[dict]:
     """One row per (shape, batch, variant): median ms, speedup over dense and fraction of the bandwidth limit."""
+    from compress.layer import CompressedLinear
     from kernels import lowrank_linear_triton
 
     gpu, peak = device.type == "cuda", peak_bandwidth(device)
@@ -143,6 +146,12 @@ def bench_layers(shapes, batches, dtype: torch.dtype, device: torch.device, repe
             int4 = int4_torch(x, out_features, g)
             if int4 is not None:
                 variants.append(("int4 torch (w4g128, rank 0)", int4, nbytes(x, base) + out))
+            if not gpu:  # the layer as load_compressed serves it after serve_on_cpu: int4 kernel + two small matmuls
+                for label in ("w4g128+r64", "w4g128 (rank 0)"):
+                    layer = CompressedLinear.from_parts(*formats[label])
+                    if layer.serve_on_cpu():
+                        variants.append((f"{label} served (cpu int4)", partial(layer, x),
+                                         nbytes(x, *formats[label]) + out))
             dense_seconds = None
             for name, fn, moved in variants:
                 seconds = median_seconds(fn, device, repeat, warmup)
@@ -178,6 +187,7 @@ def tokens_per_second(model, device: torch.device, new_tokens: int, prompt: int 
 def bench_demo(dtype: torch.dtype, device: torch.device, new_tokens: int, nsamples: int) -> list[dict]:
     """The demo model dense, W4 g128 + rank-64 compensation, and rank budget 0.5 with 4-bit factors."""
     from compress import RTN, SVD, Calibration, LoRC, Recipe, compress_model
+    from compress.layer import serve_on_cpu
     from compress.models import load_model
 
     calibration = Calibration(nsamples=nsamples)
@@ -193,29 +203,39 @@ def bench_demo(dtype: torch.dtype, device: torch.device, new_tokens: int, nsampl
         compressed = compress_model(model, recipe, tokenizer=tokenizer, progress=False).model
         rows.append({"model": name,
                      "tokens_per_s": tokens_per_second(compressed.to(device, dtype), device, new_tokens)})
+        if device.type == "cpu":
+            counts = serve_on_cpu(compressed)
+            rows.append({"model": f"{name} served ({counts['int4']} int4)",
+                         "tokens_per_s": tokens_per_second(compressed, device, new_tokens)})
     return with_speedup(rows)
 
 
 def bench_llama(layers: int, device: torch.device, new_tokens: int) -> list[dict]:
-    """A Llama-3-8B-shaped model with random bf16 weights, dense and then with every block linear W4 g128 + rank 64."""
+    """A Llama-3-8B-shaped model with random weights (bf16 on a GPU, float32 on a CPU), dense and then with every
+    block linear W4 g128 + rank 64; on a CPU also served through the int4 kernel (serve_on_cpu)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compress.layer import CompressedLinear
+    from compress.layer import CompressedLinear, serve_on_cpu
 
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     label = f"llama-3-8b-shaped ({layers} layers)"
-    rows = [{"model": f"{label} dense bf16", "tokens_per_s": tokens_per_second(model, device, new_tokens)}]
+    rows = [{"model": f"{label} dense {str(dtype)[6:]}", "tokens_per_s": tokens_per_second(model, device, new_tokens)}]
     g = torch.Generator(device).manual_seed(0)
     for name, linear in [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]:
         out_features, in_features = linear.weight.shape
-        up = torch.randn(out_features, COMPENSATION_RANK, generator=g, device=device, dtype=torch.bfloat16) * 0.01
-        down = torch.randn(COMPENSATION_RANK, in_features, generator=g, device=device, dtype=torch.bfloat16) * 0.01
+        up = torch.randn(out_features, COMPENSATION_RANK, generator=g, device=device, dtype=dtype) * 0.01
+        down = torch.randn(COMPENSATION_RANK, in_features, generator=g, device=device, dtype=dtype) * 0.01
         model.model.layers.set_submodule(name, CompressedLinear.from_parts(
             random_quantized(out_features, in_features, 4, device, g), up, down))
     rows.append({"model": f"{label} w4g128 + r64", "tokens_per_s": tokens_per_second(model, device, new_tokens)})
+    if device.type == "cpu":
+        counts = serve_on_cpu(model)
+        rows.append({"model": f"{label} w4g128 + r64 served ({counts['int4']} int4)",
+                     "tokens_per_s": tokens_per_second(model, device, new_tokens)})
     return with_speedup(rows)
 
 
@@ -232,8 +252,8 @@ def main() -> None:
                         help="timed calls per figure (default 100 on GPU, 10 on CPU)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="generated tokens per decode figure (64 GPU, 32 CPU)")
-    parser.add_argument("--llama-layers", type=int, default=32,
-                        help="blocks of the 8B-shaped model (GPU only; 0: skip)")
+    parser.add_argument("--llama-layers", type=int, default=None,
+                        help="blocks of the 8B-shaped model (default 32 on GPU, 2 on CPU; 0: skip)")
     parser.add_argument("--nsamples", type=int, default=16, help="calibration windows for the compressed demo models")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one keeps timings steady on a shared CPU)")
     parser.add_argument("--out", type=Path, default=Path("evaluations/results/bench_kernels"))
@@ -248,8 +268,9 @@ def main() -> None:
     repeat = args.repeat or (100 if gpu else 10)
     new_tokens = args.new_tokens or (64 if gpu else 32)
     device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    notice = None if gpu else ("NO GPU: GPU figures were not measured. CPU timings of the reference path, "
-                               f"torch's CPU int4 kernel and dense {dtype} matmul on the 8B shapes divided by {scale}; "
+    notice = None if gpu else ("NO GPU: GPU figures were not measured. CPU timings of the reference path, the layer "
+                               "served through torch's CPU int4 kernel (bfloat16), that kernel alone and dense "
+                               f"{dtype} matmul on the 8B shapes divided by {scale}; "
                                "the fused Triton kernels run on CPUs only in triton's interpreter "
                                "(correctness, not speed) and are not timed.")
     print(f"device: {device_name}, activations {dtype}, peak bandwidth {peak_bandwidth(device) or 'unknown'}")
@@ -259,8 +280,9 @@ def main() -> None:
     print("\n| " + " | ".join(name for name, _ in LAYER_COLUMNS) + " |")
     layer_rows = bench_layers(shapes, args.batches, dtype, device, repeat, warmup=max(3, repeat // 10))
     decode_rows = bench_demo(dtype, device, new_tokens, args.nsamples)
-    if gpu and args.llama_layers:
-        decode_rows += bench_llama(args.llama_layers, device, new_tokens)
+    llama_layers = args.llama_layers if args.llama_layers is not None else (32 if gpu else 2)
+    if llama_layers:
+        decode_rows += bench_llama(llama_layers, device, new_tokens)
     print("\n" + table(decode_rows, DECODE_COLUMNS))
     path = write_results({"device": device_name, "gpu_measured": gpu, "notice": notice, "dtype": str(dtype),
                           "peak_bandwidth": peak_bandwidth(device), "shape_scale": scale, "repeat": repeat,

@@ -1,0 +1,56 @@
+"""CPU serving of 4-bit grids through torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`), which reads
+the packed nibbles directly instead of dequantizing the weight on every call.
+
+The kernel computes in bfloat16: y = x @ W^T with W[o, i] = s[g, o] * (q[o, i] - 8) + m[g, o], s and m bfloat16 per
+group g. The project's grid W = s * (q - z) is the same with m = s * (8 - z); the integers carry over unchanged, the
+scales are rounded to bfloat16 (8 bits of mantissa against fp16's 11), so outputs differ from the float32 reference
+by bfloat16 rounding (about 3e-3 relative). It takes 4-bit weights without act-order groups whose output width is a
+multiple of 16 (the kernel's tile); everything else keeps the reference path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.grid import QuantizedWeight
+
+TILE = 16  # the kernel's output tile: out_features must be a multiple of it
+
+
+def int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+@dataclass
+class Int4CPU:
+    """A 4-bit weight prepacked for the CPU kernel: packed (out, in / 2) uint8, scales_and_zeros (groups, out, 2)
+    bfloat16."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group_size: int
+    out_features: int
+
+    @classmethod
+    def from_quantized(cls, quantized: QuantizedWeight) -> "Int4CPU | None":
+        """The prepacked weight, or None where the kernel cannot take it (not 4-bit, act-order groups, shapes)."""
+        rows, cols = quantized.shape
+        if (not int4_available() or quantized.bits != 4 or quantized.g_idx is not None or rows % TILE or cols % 2
+                or quantized.group_size % 2):
+            return None
+        scales = quantized.scales.float()
+        shift = scales * (8 - quantized.zeros().float())  # W = s (q - z) = s (q - 8) + s (8 - z)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(quantized.ints().contiguous(), 1)
+        scales_and_zeros = torch.stack([scales, shift], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return cls(packed, scales_and_zeros, quantized.group_size, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) of any float dtype -> (..., out) in x's dtype, computed in bfloat16."""
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + \
+            self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()

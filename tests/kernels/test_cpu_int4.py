@@ -1,0 +1,65 @@
+"""The CPU int4 serving path: the project's integers through torch's int4 kernel give the reference's outputs up to
+bfloat16 rounding, and layers it cannot take keep the reference path."""
+import pytest
+import torch
+
+from compress import GPTQ, Recipe, compress_model
+from compress.compensate.lorc import LoRC
+from compress.layer import CompressedLinear, serve_on_cpu
+from kernels.cpu_int4 import Int4CPU, int4_available
+from kernels.grid import find_params, make_quantized, quantize_ints
+from tests.conftest import tiny_llama
+
+pytestmark = pytest.mark.skipif(not int4_available(), reason="this torch has no CPU int4 kernel")
+
+
+def quantized(out: int, inp: int, bits: int, group_size: int, symmetric: bool, seed: int = 0):
+    weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+    scales, zeros = find_params(weight, bits, group_size, symmetric)
+    return make_quantized(quantize_ints(weight, scales, zeros, bits), scales, zeros, bits, symmetric)
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(32, False), (64, True), (128, False)])
+def test_int4_kernel_gives_the_grids_values_up_to_bfloat16(group_size, symmetric):
+    weight = quantized(96, 256, 4, group_size, symmetric)
+    served = Int4CPU.from_quantized(weight)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    reference = x @ weight.dequantize().T
+    # the same product with every input the kernel reads rounded to bfloat16, as it reads them
+    scales = weight.scales.float().to(torch.bfloat16).float().repeat_interleave(group_size, 1)
+    shift = (weight.scales.float() * (8 - weight.zeros().float())).to(torch.bfloat16).float()
+    rounded = scales * (weight.ints().float() - 8) + shift.repeat_interleave(group_size, 1)
+    bf16_reference = x.to(torch.bfloat16).float() @ rounded.T
+    y = served(x)
+    assert y.dtype == torch.float32
+    scale = reference.abs().max()
+    assert (y - bf16_reference).abs().max() < 5e-3 * scale  # the kernel's own bfloat16 accumulation (~2.4e-3)
+    assert (y - reference).abs().max() < 1e-2 * scale  # ~4e-3
+
+
+@pytest.mark.parametrize("bits, out, act_order", [(3, 96, False), (4, 100, False), (4, 96, True)])
+def test_grids_the_kernel_cannot_take_keep_the_reference(bits, out, act_order):
+    weight = quantized(out, 256, bits, 64, False)
+    if act_order:
+        weight = make_quantized(weight.ints(), weight.scales.float(), weight.zeros(), 4, False,
+                                g_idx=torch.arange(256).flip(0) // 64)
+    assert Int4CPU.from_quantized(weight) is None
+    layer = CompressedLinear.from_parts(weight, None, None)
+    assert not layer.serve_on_cpu() and layer.served is None
+
+
+def test_a_served_model_gives_the_compressed_models_logits(one_thread):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe(quantize=GPTQ(bits=4, group_size=32), compensate=LoRC(rank=8))
+    compressed = compress_model(model, recipe, calib=ids, progress=False).model
+    with torch.no_grad():
+        reference = compressed(ids).logits
+        counts = serve_on_cpu(compressed)
+        served = compressed(ids).logits
+    # every block linear: widths 64 and 160, k/v 32 wide, all multiples of 16
+    assert counts == {"int4": 14, "reference": 0}
+    relative = (served - reference).abs().max() / reference.abs().max()
+    assert relative < 2e-2
+    assert (served.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
