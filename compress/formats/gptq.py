@@ -313,9 +313,9 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
                         "mixes both")
     overridden = sum(not key.startswith("-:") for key in config.get("dynamic", {}))
     if overridden:
-        warnings.append(f"{overridden} layers differ from the config's {config['bits']}-bit group {config['group_size']}"
-                        " and carry GPTQModel `dynamic` overrides: GPTQModel, transformers and vLLM read them, older "
-                        "AutoGPTQ loaders do not")
+        warnings.append(f"{overridden} layers differ from the config's {config['bits']}-bit group "
+                        f"{config['group_size']} and carry GPTQModel `dynamic` overrides: GPTQModel, transformers and "
+                        "vLLM read them, older AutoGPTQ loaders do not")
     checks = {"dynamic_overrides": overridden, **{key: config[key] for key in ("bits", "group_size", "sym")}}
     return warnings + merged_warnings(layers, config["bits"]), \
         {**checks, **write_adapter(layers, adapter_base, directory, warnings)}
