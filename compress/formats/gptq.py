@@ -314,8 +314,8 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     overridden = sum(not key.startswith("-:") for key in config.get("dynamic", {}))
     if overridden:
         warnings.append(f"{overridden} layers differ from the config's {config['bits']}-bit group "
-                        f"{config['group_size']} and carry GPTQModel `dynamic` overrides: GPTQModel and vLLM read them, "
-                        "older AutoGPTQ loaders do not")
+                        f"{config['group_size']} and carry GPTQModel `dynamic` overrides: GPTQModel and vLLM read "
+                        "them, older AutoGPTQ loaders do not")
     checks = {"dynamic_overrides": overridden, **{key: config[key] for key in ("bits", "group_size", "sym")}}
     return warnings + merged_warnings(layers, config["bits"]), \
         {**checks, **write_adapter(layers, adapter_base, directory, warnings)}
