@@ -32,12 +32,12 @@ def plot_forms(report: dict, path: Path) -> Path:
     layers = {name: entry for name, entry in report["layers"].items() if "form" in entry}
     forms = sorted({entry["form"] for entry in layers.values()})
     colours = {form: plt.cm.tab20(i % 20) for i, form in enumerate(forms)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(layers)), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.06 * len(layers) + 2), 4))
     for i, entry in enumerate(layers.values()):
         ax.bar(i, entry["bits_per_weight"], width=1.0, color=colours[entry["form"]],
                hatch="//" if "+r" in entry["form"] else None, edgecolor="white", linewidth=0.2)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[form]) for form in forms]
-    ax.legend(handles, forms, fontsize=7, ncol=max(1, len(forms) // 8), loc="upper right")
+    ax.legend(handles, forms, fontsize=7, ncol=max(1, -(-len(forms) // 16)), loc="upper left", bbox_to_anchor=(1.01, 1))
     step = max(1, len(layers) // 40)
     ax.set_xticks(range(0, len(layers), step), [n.split("layers.")[-1] for n in list(layers)[::step]], rotation=90,
                   fontsize=6)
