@@ -202,13 +202,15 @@ def run_peer(name: str, args, directory: str, calib_path: Path, eval_ids: torch.
             "notes": result.get("notes", [])}
 
 
-def save(path: Path, record: dict, rows: dict[str, dict]) -> dict[str, dict]:
+def save(path: Path, record: dict, rows: dict[str, dict], computed: set[str] | None = None) -> dict[str, dict]:
     """Write results.json with `rows`, after taking in the rows another run with the same settings added meanwhile
-    (two runs of one thread each may share an output folder); returns the merged rows."""
+    (two runs of one thread each may share an output folder): a row this run computed (`computed`, default all)
+    wins, any other comes from the file, which may hold a newer one; returns the merged rows."""
     if path.exists():
         on_disk = json.loads(path.read_text())
         if on_disk.get("settings") == record["settings"]:
-            rows = {**{row["name"]: row for row in on_disk["rows"]}, **rows}
+            ours = rows if computed is None else {name: row for name, row in rows.items() if name in computed}
+            rows = {**rows, **{row["name"]: row for row in on_disk["rows"]}, **ours}
             record["peer_versions"] = record["peer_versions"] or on_disk.get("peer_versions", {})
     record["rows"] = list(rows.values())
     partial = path.with_suffix(".partial")
@@ -356,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {row["name"]: row for row in record.get("rows", [])}
     record = {"settings": settings, "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
               "torch": torch.__version__, "peer_versions": record.get("peer_versions", {}), "rows": list(rows.values())}
+    computed = set()  # the rows this run adds: they win over the file's when saving
     if "fp" not in rows or args.rerun:
+        computed.add("fp")
         model, _, _ = load_model(directory)
         rows["fp"] = {"name": "fp", "tool": "uncompressed", "bits_per_weight": 16.0, "seconds": 0.0,
                       "perplexity": perplexity(model, eval_ids, args.seqlen, progress=False)}
@@ -377,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: failed: {exc}", file=sys.stderr)
             continue
         row = rows[name]
+        computed.add(name)
         print(f"{name:<36} {row['bits_per_weight']:6.3f} bits  ppl {row['perplexity']:8.3f}  {row['seconds']:7.1f} s",
               flush=True)
-        rows = save(path, record, rows)
-    rows = save(path, record, rows)
+        rows = save(path, record, rows, computed)
+    rows = save(path, record, rows, computed)
     fp = rows["fp"]["perplexity"]
     scored = [row for row in rows.values() if row["name"] != "fp"]
     versions = ", ".join(f"{package} {version}" for package, version in record["peer_versions"].items())

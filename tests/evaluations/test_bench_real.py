@@ -48,6 +48,10 @@ def test_two_runs_sharing_an_output_keep_each_others_rows(tmp_path):
     rows_b = save(path, second, {"b": {"name": "b"}})
     assert set(rows_b) == {"fp", "a", "b"} and set(rows_a) == {"fp", "a"}
     assert {row["name"] for row in json.loads(path.read_text())["rows"]} == {"fp", "a", "b"}
+    # a row a run only read (loaded before another run recomputed it) does not overwrite the newer one
+    save(path, second, {"a": {"name": "a", "perplexity": 2.0}}, computed={"a"})
+    assert save(path, first, {"a": {"name": "a", "perplexity": 1.0}, "d": {"name": "d"}}, computed={"d"})["a"] == \
+        {"name": "a", "perplexity": 2.0}
     other = {"settings": {**settings, "nsamples": 16}, "peer_versions": {}, "rows": []}
     assert set(save(path, other, {"c": {"name": "c"}})) == {"c"}  # other settings: the old rows are not mixed in
 
