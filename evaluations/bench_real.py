@@ -276,32 +276,42 @@ def pareto(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], fp: float, path: Path, title: str) -> None:
+    """Perplexity against bits per weight, every tool and the project's front: the whole range on the left, on the
+    right the region that ranks the methods (up to 5 bits and 3x the uncompressed perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     markers = {"compress": "o", "llmcompressor-gptq": "s", "autoround": "^", "hqq": "D"}
-    for tool, marker in markers.items():
-        points = [r for r in rows if r["tool"] == tool and not budget_of(r["name"])]
-        if points:
-            ax.scatter([r["bits_per_weight"] for r in points], [r["perplexity"] for r in points], marker=marker,
-                       label="this project" if tool == "compress" else tool, s=36, zorder=3)
-    mixes = [r for r in rows if budget_of(r["name"])]
-    if mixes:
-        ax.scatter([r["bits_per_weight"] for r in mixes], [r["perplexity"] for r in mixes], marker="*", s=90,
-                   color="tab:red", label="this project: --bpw mix", zorder=4)
     front = pareto([r for r in rows if r["tool"] == "compress"])
-    ax.plot([r["bits_per_weight"] for r in front], [r["perplexity"] for r in front], "-", color="tab:blue",
-            alpha=0.6, label="this project: Pareto front")
-    ax.axhline(fp, color="gray", linestyle=":", label=f"uncompressed ({fp:.2f})")
-    ax.set_xlabel("bits per weight (every stored bit)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    mixes = [r for r in rows if budget_of(r["name"])]
+    for ax, zoom in zip(axes, (False, True)):
+        for tool, marker in markers.items():
+            points = [r for r in rows if r["tool"] == tool and not budget_of(r["name"])]
+            if points:
+                ax.scatter([r["bits_per_weight"] for r in points], [r["perplexity"] for r in points], marker=marker,
+                           label="this project" if tool == "compress" else tool, s=36, zorder=3)
+        if mixes:
+            ax.scatter([r["bits_per_weight"] for r in mixes], [r["perplexity"] for r in mixes], marker="*", s=90,
+                       color="tab:red", label="this project: --bpw mix", zorder=4)
+        ax.plot([r["bits_per_weight"] for r in front], [r["perplexity"] for r in front], "-", color="tab:blue",
+                alpha=0.6, label="this project: Pareto front")
+        ax.axhline(fp, color="gray", linestyle=":", label=f"uncompressed ({fp:.2f})")
+        ax.set_xlabel("bits per weight (every stored bit)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        if zoom:
+            shown = [r for r in rows if r["bits_per_weight"] <= 5 and r["perplexity"] <= 3 * fp]
+            if shown:
+                ax.set_xlim(min(r["bits_per_weight"] for r in shown) - 0.1, 5)
+                ax.set_ylim(fp * 0.97, 3 * fp)
+            ax.set_title("zoom: <= 5 bits, <= 3x the uncompressed perplexity", fontsize=10)
+        else:
+            ax.set_ylabel("perplexity (log scale)")
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
