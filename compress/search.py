@@ -287,7 +287,7 @@ def plan_forms(model: nn.Module, arch: Architecture, source, targets: list[list[
     except ValueError:
         least = sum(min(layers[n].bits) for n in names) / dense
         raise CompressError(f"--bpw {bpw:g} is below the smallest forms of the menu ({least:.3f} bits per weight: "
-                            f"every layer at 2 bits in groups of 128)") from None
+                            "every layer in its smallest form)") from None
     forms = {name: layers[name].forms[j] for name, j in zip(names, chosen)}
     planned = sum(layers[name].bits[j] for name, j in zip(names, chosen)) / dense
     report = {"budget": bpw, "planned": planned, "estimated_loss_increase": cost,
