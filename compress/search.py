@@ -1,22 +1,23 @@
 """`--bpw`: one size budget for the whole model, spent layer by layer on the form that costs the least loss.
 
-Every targeted linear gets a menu of forms: quantized at 2/3/4/8 bits with groups of 32/64/128 columns, or
-quantized at 2/3 bits and compensated by a low-rank term of several ranks. Each form has its exact stored bits
-(ints, scales, zeros, g_idx, factors: what the report counts) and an estimated loss cost; a multiple-choice knapsack
-(allocate.choose_forms, exact dynamic programming) picks one form per layer, with the least summed cost whose bits
-fit `bpw` times the layers' weights.
+Every targeted linear gets a menu of forms: quantized at 2/3/4/8 bits with groups of 32/64/128 columns; quantized at
+2/3 bits and compensated by a low-rank term of several ranks; or low-rank factors alone. Each form has its exact
+stored bits (ints, scales, zeros, g_idx, factors: what the report counts) and an estimated loss cost; a
+multiple-choice knapsack (allocate.choose_forms, exact dynamic programming) picks one form per layer, with the least
+summed cost whose bits fit `bpw` times the layers' weights.
 
-The costs come from one cheap pass over the uncompressed model before compression (`plan_forms`): the calibration
-windows run forward through the blocks to the head, the loss's gradient runs back block by block, and every linear
-yields its input Gram G and its output channels' gradient energy f_o = mean over tokens of (dL/dy_o)^2. A form W'
-then costs
+The costs come from one cheap pass over the uncompressed model before compression (`plan_forms`): the first
+calibration windows run forward through the blocks to the head, the loss's gradient runs back block by block, and
+every linear yields its input Gram G and its output channels' gradient energy f_o = mean over tokens of
+(dL/dy_o)^2. A form W' then costs
 
     1/2 sum_o f_o [(W - W') G (W - W')^T]_oo,
 
 the Fisher (second-order) estimate of how much the calibration loss grows when that layer alone takes the form: the
-layer's sensitivity, measured, weights its output error. The output error of a form is that of round-to-nearest on
-the recipe's grid (on evenly spaced rows of large layers); a compensated form's error is what the best rank-r term
-leaves of it. GPTQ's error is lower than RTN's, but it is the same for every form, so the ranking holds.
+layer's sensitivity, measured, weights its output error. That error is estimated without running the quantizer
+(form_costs): RTN's own error for RTN; for GPTQ and GPTAQ a model of GPTQ's error (each group's RTN variance over
+GPTQ's d_j^2), since RTN's error overstates GPTQ's 5-10x and differs in structure; what EoRA's rank-r term leaves of
+it for a compensated form; the data-aware truncation plus the factors' grid for a factorized one.
 
 Why a plan first, rather than carrying the remaining budget forward block by block: bits must move *between*
 blocks (the first and last blocks and some down_proj matter far more than the rest), and a carry-forward search can
@@ -53,7 +54,7 @@ COMPENSATED = ((2, 128), (3, 128))  # (bits, group size) of the bases that may b
 COMPENSATE_RANKS = (16, 32, 64)
 # factorized forms: ranks as shares of the rank whose fp16 factors hold as many numbers as the weight,
 # out * in / (out + in), with 8-bit factors in groups of 128. Not 4-bit: a row of `up` spans the singular directions,
-# whose scales differ by orders of magnitude, and on the demo such factors erred 2-140x more than their estimate.
+# whose scales differ by orders of magnitude, and on the demo such factors erred 1.3-140x more than their estimate.
 FACTOR_SHARES = (1 / 8, 1 / 4, 1 / 2)
 FACTOR_BITS = (8,)
 FACTORIZE = SVDLLM()  # the factorization of factorized forms: data-aware truncation, what their costs assume
