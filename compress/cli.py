@@ -22,6 +22,7 @@ from compress.quantize import GridConfig, LearnedConfig
 from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.signround import STARTS, SignRound
 from compress.recipe import Calibration, Recipe
+from compress.search import count_forms
 from kernels.grid import CLIPS
 
 # Recipe flags: per stage, flag -> the field of the chosen method's config it sets. --factorize / --quantize /
@@ -235,8 +236,6 @@ def summary(report: dict) -> str:
 
 
 def forms_table(report: dict) -> list[str]:
-    from compress.search import count_forms
-
     return [f"  {kind}: " + ", ".join(f"{form} x{n}" for form, n in sorted(forms.items())) for kind, forms in
             count_forms(report).items()]
 

@@ -45,7 +45,7 @@ from compress.compensate.eora import EoRA
 from compress.errors import CompressError
 from compress.factorize.svd_llm import SVDLLM
 from compress.quantize import GridConfig
-from compress.quantize.gptq import GPTQ, inverse_hessian_factor
+from compress.quantize.gptq import GPTQ, column_order, inverse_hessian_factor, working_hessian
 from kernels.grid import dequantize, find_params, quantize_ints, quantized_bits, resolve_group_size
 
 QUANTIZE_BITS = (2, 3, 4, 8)
@@ -160,7 +160,10 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
     out, inp = weight.shape
     rows = torch.arange(out) if out <= SAMPLED_ROWS else torch.linspace(0, out - 1, SAMPLED_ROWS).round().long()
     gram = gram.float()
-    root = symmetric_root(gram) if out > inp else None
+
+    @cache
+    def root() -> torch.Tensor:  # G^1/2: read by the truncation (more rows than columns) and RTN's compensation
+        return symmetric_root(gram)
 
     @cache
     def group_variance(bits: int, group_size: int) -> torch.Tensor:
@@ -182,8 +185,7 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
     def compensated_residuals(bits: int, group_size: int) -> torch.Tensor:
         """residuals[r]: the weighted output error left by EoRA's rank-r term (its directions chosen unweighted)."""
         if column_weights is None:  # RTN: its own error, whitened
-            whitened = rtn_error(weight, bits, group_size, quantize.symmetric, quantize.clip) @ \
-                (symmetric_root(gram) if root is None else root)
+            whitened = rtn_error(weight, bits, group_size, quantize.symmetric, quantize.clip) @ root()
         else:  # GPTQ's whitened error: independent noise of the modelled variance (seeded: the same plan every run),
             # each row taking the variances of the nearest sampled row
             nearest = (torch.arange(out)[:, None] - rows[None, :]).abs().argmin(1)
@@ -193,7 +195,7 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
 
     @cache
     def truncation_spectrum() -> torch.Tensor:
-        return residual_spectrum(weight, gram, energy, root)
+        return residual_spectrum(weight, gram, energy, root() if out > inp else None)
 
     costs = []
     for form in forms:
@@ -211,19 +213,13 @@ def gptq_column_weights(gram: torch.Tensor, config: GridConfig) -> torch.Tensor 
     inverse Hessian in its processing order (act-order when the config has it); None for other quantizers."""
     if not isinstance(config, GPTQ):
         return None
-    diagonal = gram.diagonal().double()
-    dead = diagonal == 0
-    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if config.act_order else \
-        torch.arange(len(gram))
-
-    def hessian() -> torch.Tensor:  # float32: only the diagonal of the factor is read
-        matrix = gram.float()[perm[:, None], perm]
-        matrix.diagonal()[dead[perm]] = 1
-        return matrix
-
-    factor, _, _ = inverse_hessian_factor(hessian, config.damp)
+    perm, dead = column_order(gram, config.act_order, gram.device)
+    order = torch.arange(len(gram)) if perm is None else perm
+    # float32: only the diagonal of the factor is read
+    factor, _, _ = inverse_hessian_factor(
+        lambda: working_hessian(gram, perm, dead[order], torch.float32, gram.device), config.damp)
     weights = torch.empty(len(gram), dtype=torch.float32)
-    weights[perm] = factor.diagonal().float().square().reciprocal()
+    weights[order] = factor.diagonal().float().square().reciprocal()
     return weights
 
 

@@ -108,6 +108,27 @@ class GPTQResult:
     updated: torch.Tensor | None = None
 
 
+def column_order(gram: torch.Tensor, act_order: bool,
+                 device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """GPTQ's processing order of the columns: with act-order by decreasing Hessian diagonal (dead inputs, H_jj = 0,
+    count as 1, as the reference sets them before its argsort), else None (column order); and which columns are dead,
+    in the original order."""
+    diagonal = gram.diagonal().to(device, torch.float64)
+    dead = diagonal == 0
+    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if act_order else None
+    return perm, dead
+
+
+def working_hessian(gram: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, dtype: torch.dtype,
+                    device: torch.device | str) -> torch.Tensor:
+    """A fresh working copy of H in processing order (one gather when permuted), its dead diagonal (`dead` in
+    processing order) set to 1."""
+    source = gram.to(device)
+    hessian = source[perm[:, None], perm].to(dtype) if perm is not None else source.to(dtype, copy=True)
+    hessian.diagonal()[dead] = 1
+    return hessian
+
+
 def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float, bool]:
     """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), float64 (n, n).
 
@@ -157,23 +178,15 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         raise ValueError("GPTQ: the gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
     W = weight.to(torch.float64, copy=True)
 
-    diagonal = gram.diagonal().to(W.device, torch.float64)
-    dead = diagonal == 0
+    perm, dead = column_order(gram, act_order, W.device)
     W[:, dead] = 0
 
     groups = cols // group_size
-    # dead inputs count as H_jj = 1 when ordering, as the reference sets them before its argsort
-    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if act_order else None
     if act_order:
         W, dead = W[:, perm], dead[perm]
 
-    def hessian() -> torch.Tensor:  # the working copy: permuted (one gather), dead diagonal set to 1
-        source = gram.to(W.device)
-        H = source[perm[:, None], perm].to(torch.float64) if act_order else source.to(torch.float64, copy=True)
-        H.diagonal()[dead] = 1
-        return H
-
-    Hinv, damp_used, damp_raised = inverse_hessian_factor(hessian, damp)
+    Hinv, damp_used, damp_raised = inverse_hessian_factor(
+        lambda: working_hessian(gram, perm, dead, torch.float64, W.device), damp)
     if cross is not None and alpha:
         W += alpha * asymmetric_shift(W, cross.to(W.device), perm, dead, Hinv)
     W, Hinv = W.float(), Hinv.float()
