@@ -151,18 +151,12 @@ def choose_forms(bits: list[list[int]], errors: list[list[float]], budget: int,
     best = torch.zeros(units + 1, dtype=torch.float64)  # best[u]: least error of the layers so far in <= u steps
     choices = []
     for layer_bits, layer_errors in zip(bits, errors):
-        new = torch.full_like(best, math.inf)
-        choice = torch.zeros(units + 1, dtype=torch.int32)
+        candidates = torch.full((len(layer_bits), units + 1), math.inf, dtype=torch.float64)
         for j, (form_bits, error) in enumerate(zip(layer_bits, layer_errors)):
             cost = steps(form_bits)
-            if cost > units:
-                continue
-            candidate = torch.full_like(best, math.inf)
-            candidate[cost:] = best[:units + 1 - cost] + error
-            better = candidate < new
-            new = torch.where(better, candidate, new)
-            choice[better] = j
-        best = new
+            if cost <= units:
+                candidates[j, cost:] = best[:units + 1 - cost] + error
+        best, choice = candidates.min(0)  # on a tie the first form, as torch returns the first least index
         choices.append(choice)
     if not math.isfinite(best[units].item()):
         raise ValueError(f"no choice of forms fits {budget} bits at a resolution of {units} steps; raise `units`")

@@ -2,7 +2,7 @@
 
     compress --model demo --rank-budget 0.5 --wbits 4 --out demo-r50-w4
     compress eval DIR [--ppl demo] [--tasks python_next_line --limit 200] [--json FILE]
-    compress export DIR --format gptq|compressed-tensors|dense|native|onnx --out OUT [--merge-lowrank]
+    compress export DIR --format gptq|compressed-tensors|gguf|dense|native|onnx --out OUT [--merge-lowrank]
     compress report DIR1 DIR2 ... --out REPORT_DIR
     compress compensate --model QUANTIZED_DIR [--original MODEL] --rank 64 [--method eora|lorc] --out OUT
 """
@@ -347,14 +347,15 @@ def run_export(argv: list[str]) -> int:
                                      description="Write a compressed output in a serving format.")
     parser.add_argument("model", type=Path, help="a compressed output directory (this tool's native format)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="gptq or compressed-tensors (+ LoRA adapter), dense, native or onnx")
+                        help="gptq or compressed-tensors (+ LoRA adapter), gguf (llama.cpp), dense, native or onnx")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
                         help="gptq: v1 zero points (default, what vLLM reads); gptq_v2: true zero points")
     parser.add_argument("--merge-lowrank", action="store_true",
-                        help="gptq: merge layers without a quantized base (pure low-rank, dense) and requantize "
-                             "them (RTN)")
+                        help="gptq, compressed-tensors: merge layers without a quantized base (pure low-rank, "
+                             "dense) and requantize them (RTN); gguf: merge every layer with low-rank factors and "
+                             "requantize it to Q8_0")
     parser.add_argument("--merge-bits", type=int, help="bits for --merge-lowrank (default: the recipe's, else 4)")
     parser.add_argument("--dtype", choices=DTYPES, help="dense: storage dtype (default: the checkpoint's own)")
     parser.add_argument("--max-shard-size", default="5GB",

@@ -45,7 +45,7 @@ from compress.compensate.eora import EoRA
 from compress.errors import CompressError
 from compress.factorize.svd_llm import SVDLLM
 from compress.quantize import GridConfig
-from compress.quantize.gptq import GPTQ, column_order, inverse_hessian_factor, working_hessian
+from compress.quantize.gptq import GPTQ, MAX_DAMP, column_order, working_hessian
 from kernels.grid import dequantize, find_params, quantize_ints, quantized_bits, resolve_group_size
 
 QUANTIZE_BITS = (2, 3, 4, 8)
@@ -162,7 +162,7 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
     gram = gram.float()
 
     @cache
-    def root() -> torch.Tensor:  # G^1/2: read by the truncation (more rows than columns) and RTN's compensation
+    def root() -> torch.Tensor:  # G^1/2: read by RTN's compensation
         return symmetric_root(gram)
 
     @cache
@@ -195,7 +195,7 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
 
     @cache
     def truncation_spectrum() -> torch.Tensor:
-        return residual_spectrum(weight, gram, energy, root() if out > inp else None)
+        return residual_spectrum(weight, gram, energy)
 
     costs = []
     for form in forms:
@@ -210,16 +210,29 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
 
 def gptq_column_weights(gram: torch.Tensor, config: GridConfig) -> torch.Tensor | None:
     """1 / d_j^2 per input column (original order), d the diagonal of the upper Cholesky factor of GPTQ's damped
-    inverse Hessian in its processing order (act-order when the config has it); None for other quantizers."""
+    inverse Hessian in its processing order (act-order when the config has it); None for other quantizers.
+
+    d_j^2 = [(H_F)^-1]_jj, F the columns from j on, so 1 / d_j^2 is the Schur complement of the columns after j: the
+    squared diagonal of the lower Cholesky factor of H in reversed processing order. One factorization instead of
+    GPTQ's three (Cholesky, inverse, Cholesky); float32, since only the diagonal is read."""
     if not isinstance(config, GPTQ):
         return None
     perm, dead = column_order(gram, config.act_order, gram.device)
     order = torch.arange(len(gram)) if perm is None else perm
-    # float32: only the diagonal of the factor is read
-    factor, _, _ = inverse_hessian_factor(
-        lambda: working_hessian(gram, perm, dead[order], torch.float32, gram.device), config.damp)
+    reversed_hessian = working_hessian(gram, perm, dead[order], torch.float32, gram.device).flip(0, 1)
+    mean_diagonal = float(reversed_hessian.diagonal().mean())
+    damp = config.damp
+    while True:  # damping raised as GPTQ raises it (inverse_hessian_factor) when the factorization fails
+        damped = reversed_hessian + damp * mean_diagonal * torch.eye(len(gram), device=gram.device)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if not info and lower.diagonal().isfinite().all():
+            break
+        if damp >= MAX_DAMP:
+            raise CompressError("--bpw: a layer's Hessian is not positive definite even with the largest damping; "
+                                "the calibration statistics are broken (too few or non-finite tokens?)")
+        damp = min(MAX_DAMP, damp * 10 if damp > 0 else 0.01)
     weights = torch.empty(len(gram), dtype=torch.float32)
-    weights[order] = factor.diagonal().float().square().reciprocal()
+    weights[order] = lower.diagonal().flip(0).square().cpu()
     return weights
 
 
@@ -238,16 +251,17 @@ def eora_residuals(whitened: torch.Tensor, energy: torch.Tensor) -> torch.Tensor
     return (float(energy @ whitened.double().square().sum(1)) - weighted).clamp(min=0)
 
 
-def residual_spectrum(error: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor,
-                      root: torch.Tensor | None = None) -> torch.Tensor:
+def residual_spectrum(error: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Eigenvalues, descending, of F^1/2 E G E^T F^1/2 (F = diag(energy)), float64: the sum of those past r is the
     weighted output error that the best rank-r correction of E leaves. Computed on the smaller side of E: with more
-    rows than columns from A^T A, A = F^1/2 E G^1/2 (`root`: G^1/2, computed here when not given)."""
+    rows than columns from A^T A, A = F^1/2 E L for any G = L L^T (the nonzero eigenvalues of A A^T and A^T A agree);
+    L is G's Cholesky factor, or G^1/2 when G is singular."""
     weighted = error.float() * energy.float().sqrt()[:, None]
     if weighted.shape[0] <= weighted.shape[1]:
         matrix = weighted @ gram.float() @ weighted.T
-    else:  # the nonzero eigenvalues of A A^T and A^T A agree
-        product = weighted @ (symmetric_root(gram) if root is None else root)
+    else:
+        lower, info = torch.linalg.cholesky_ex(gram.double())
+        product = weighted @ (symmetric_root(gram) if info else lower.float())
         matrix = product.T @ product
     return torch.linalg.eigvalsh(matrix.double()).flip(0).clamp(min=0)
 

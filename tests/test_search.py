@@ -13,7 +13,7 @@ from compress.blocks import InMemoryBlocks
 from compress.errors import CompressError
 from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.rtn import RTN
-from compress.quantize.gptq import quantize_gptq
+from compress.quantize.gptq import column_order, inverse_hessian_factor, quantize_gptq, working_hessian
 from compress.search import (Form, eora_residuals, form_bits, form_configs, form_costs, gptq_column_weights,
                              layer_statistics, menu, residual_spectrum)
 from compress.stages import compress_linear
@@ -91,6 +91,23 @@ def test_gptq_cost_model_matches_gptqs_error(bits):
     actual = 0.5 * float((energy * ((error.double() @ gram) * error.double()).sum(1)).sum())
     assert actual / 1.2 < model < actual * 1.2
     assert rtn > 2 * actual
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_column_weights_are_gptqs_inverse_hessian_diagonal(act_order):
+    """The Schur complements from one Cholesky in reversed order equal 1 / d_j^2 from GPTQ's own factor of the damped
+    inverse Hessian (Cholesky, inverse, Cholesky), column by column; a dead input counts as GPTQ counts it."""
+    gram = random_gram(48, tokens=200)
+    gram[5, :] = gram[:, 5] = 0  # a dead input
+    config = GPTQ(act_order=act_order, damp=0.01)
+    perm, dead = column_order(gram, act_order, "cpu")
+    order = torch.arange(48) if perm is None else perm
+    factor, _, _ = inverse_hessian_factor(lambda: working_hessian(gram, perm, dead[order], torch.float64, "cpu"),
+                                          config.damp)
+    expected = torch.empty(48, dtype=torch.float64)
+    expected[order] = factor.diagonal().square().reciprocal()
+    assert torch.allclose(gptq_column_weights(gram, config).double(), expected, rtol=1e-4)
+    assert gptq_column_weights(gram, RTN()) is None
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])

@@ -5,6 +5,7 @@
     compressed_tensors  llm-compressor's pack-quantized checkpoints (read, written)
     lora                PEFT LoRA adapters, the low-rank part beside a quantized checkpoint (read, written)
     dense               a plain transformers checkpoint with every layer merged (written)
+    gguf                llama.cpp's GGUF, the integers carried over where its block formats hold them (written)
     onnx                an ONNX graph of the merged model, checked with onnxruntime (written)
 
 `export` writes a native output in a serving format (FORMATS); `read_quantized` dequantizes a GPTQ or pack-quantized
@@ -25,6 +26,7 @@ from compress.formats import native
 from compress.formats.compressed_tensors import QUANTIZED_TENSORS as CT_TENSORS
 from compress.formats.compressed_tensors import read_pack_quantized, write_compressed_tensors
 from compress.formats.dense import DTYPES, merge_layers, storage_dtype, write_dense
+from compress.formats.gguf import write_gguf
 from compress.formats.gptq import GPTQ_CHECKPOINT_FORMATS, read_gptq, write_gptq
 from compress.formats.gptq import QUANTIZED_TENSORS as GPTQ_TENSORS
 from compress.formats.lora import ADAPTER, add_factors, read_lora_adapter
@@ -33,7 +35,7 @@ from compress.formats.onnx import write_onnx
 from compress.layer import CompressedLinear
 from compress.models import empty_model, fill_model, load_model
 
-FORMATS = ("gptq", "compressed-tensors", "dense", "native", "onnx")
+FORMATS = ("gptq", "compressed-tensors", "gguf", "dense", "native", "onnx")
 RECORD = "export.json"
 
 
@@ -42,8 +44,9 @@ RECORD = "export.json"
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """checkpoint_format: GPTQ v1 "gptq" or "gptq_v2". merge_lowrank: GPTQ only, merge layers without a quantized
-    base into one weight and requantize it (RTN, merge_bits or the recipe's bits). dtype: storage dtype of dense
+    """checkpoint_format: GPTQ v1 "gptq" or "gptq_v2". merge_lowrank: GPTQ/compressed-tensors: merge layers without a
+    quantized base into one weight and requantize it (RTN, merge_bits or the recipe's bits); GGUF: merge every layer
+    with factors and requantize it to Q8_0. dtype: storage dtype of dense
     tensors (None: the checkpoint's own, fp16 for GPTQ). onnx_tolerance: largest |logit difference| / max |logit|."""
 
     checkpoint_format: str = "gptq"
@@ -103,6 +106,8 @@ def export(source: str | Path, fmt: str, out: str | Path, options: ExportOptions
             warnings, checks = [], write_dense(merge_layers(model), tokenizer, tmp, dtype, options.max_shard_size)
         elif fmt == "onnx":
             warnings, checks = [], write_onnx(model, tokenizer, tmp, options.onnx_tolerance)
+        elif fmt == "gguf":
+            warnings, checks = write_gguf(model, tokenizer, tmp, config["recipe"], options)
         else:
             writer = write_gptq if fmt == "gptq" else write_compressed_tensors
             warnings, checks = writer(model, tokenizer, tmp, config["recipe"], options, adapter_base=str(out.resolve()))

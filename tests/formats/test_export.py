@@ -317,7 +317,7 @@ def test_bad_exports_are_refused(capsys, compressed, tmp_path, tiny_model_dir):
     assert main(["export", str(compressed / "lowrank"), "--format", "dense", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(CompressError, match="unknown export format"):
-        export(compressed / "lowrank", "gguf", tmp_path / "g")
+        export(compressed / "lowrank", "awq", tmp_path / "g")
 
 
 def test_serving_warnings_follow_vllm_kernel_routing():
