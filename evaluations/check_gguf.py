@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", required=True, help="held-out text: a file or a datasets name")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=16, help="windows of --seqlen tokens scored (default 16)")
+    parser.add_argument("--prompt", default=PROMPT, help="the text llama.cpp continues (32 tokens, greedy)")
     parser.add_argument("--merge-lowrank", action="store_true")
     parser.add_argument("--out", type=Path, help="default: evaluations/results/check_gguf/<name of the directory>")
     args = parser.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         np.save(work / "ids.npy", ids.view(windows, args.seqlen).numpy().astype(np.int32))
         ours = perplexity(load_compressed(args.compressed), ids, args.seqlen, progress=False)
         run = subprocess.run([str(args.llama_python), "-c", LLAMA_SCRIPT, str(work / "gguf" / FILE),
-                              str(work / "ids.npy"), PROMPT], capture_output=True, text=True)
+                              str(work / "ids.npy"), args.prompt], capture_output=True, text=True)
         gguf_bytes = (work / "gguf" / FILE).stat().st_size
     if run.returncode:
         print(f"error: llama.cpp failed (exit {run.returncode}): {run.stderr.strip()[-500:]}", file=sys.stderr)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = llama["perplexity"] / ours
     result = {"compressed": str(args.compressed.resolve()), "eval": args.eval, "seqlen": args.seqlen,
               "windows": windows, "perplexity_here": ours, "perplexity_llama_cpp": llama["perplexity"],
-              "ratio": ratio, "within_tolerance": abs(ratio - 1) < TOLERANCE, "prompt": PROMPT,
+              "ratio": ratio, "within_tolerance": abs(ratio - 1) < TOLERANCE, "prompt": args.prompt,
               "generated": llama["generated"], "llama_cpp": llama["llama_cpp"], "gguf_bytes": gguf_bytes,
               "export_seconds": round(export_seconds, 1), "warnings": exported.warnings, "checks": exported.checks}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                f"ratio {ratio:.5f} ({'within' if result['within_tolerance'] else 'OUTSIDE'} {TOLERANCE:.0%}); "
                f"{windows} x {args.seqlen} tokens of {args.eval}; tensor types {exported.checks['tensor_types']}; "
                f"{exported.checks['carried_over']} layers carried over bit for bit\n\n"
-               f"llama.cpp generated from {PROMPT!r}: {llama['generated']!r}\n")
+               f"llama.cpp generated from {args.prompt!r}: {llama['generated']!r}\n")
     (out / "summary.md").write_text(summary)
     print(summary)
     return 0 if result["within_tolerance"] else 1
