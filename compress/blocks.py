@@ -17,6 +17,7 @@ from torch import nn
 
 from calibration import capture_block_inputs
 from compress.architectures import Architecture
+from compress.distributed import World, least
 from compress.layer import CompressedLinear
 from compress.streaming import Checkpoints, Shards, file_entry, fingerprint, shard_name, write_atomic
 from kernels.grid import QuantizedWeight
@@ -72,10 +73,10 @@ class StreamedBlocks:
 
     def __init__(self, shards: Shards, work: Path, device: torch.device | str = "cpu",
                  activation_dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype = torch.float16,
-                 resume: bool = False, overwrite: bool = False):
+                 resume: bool = False, overwrite: bool = False, world: World = World()):
         self.shards, self.work, self.device = shards, work, torch.device(device)
         self.activation_dtype, self.storage_dtype = activation_dtype, storage_dtype
-        self.resume, self.overwrite = resume, overwrite
+        self.resume, self.overwrite, self.world = resume, overwrite, world
         self.checkpoints: Checkpoints | None = None
 
     def weight(self, model: nn.Module, name: str) -> torch.Tensor:
@@ -87,9 +88,10 @@ class StreamedBlocks:
 
         blocks = model.get_submodule(arch.blocks)
         run = fingerprint(str(self.shards.directory), recipe.to_dict(), input_ids, len(blocks), self.device,
-                          self.activation_dtype)
-        self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite)
-        resumed = self.checkpoints.finished()
+                          self.activation_dtype, self.world.size)
+        self.checkpoints = Checkpoints.open(self.work, run, self.resume, self.overwrite,
+                                            keep=1 if self.world.size == 1 else 2)
+        resumed = least(self.checkpoints.finished(), self.world)  # a rank may be one block ahead of another
         self.checkpoints.verify(resumed)
         # A resumed run needs only the blocks' keyword arguments (RoPE, mask): one window gives them.
         hidden, block_kwargs = self.block_inputs(model, arch, input_ids[:1] if resumed else input_ids)
@@ -169,6 +171,8 @@ class StreamedBlocks:
                                                           "shape": list(quantized.shape)}
                 carried.update({f"pending.{later}.{name}.{key}": t for key, t in quantized.tensors().items()})
         record = {**record, "specs": {name: module.spec() for name, module in compressed.items()}, "pending": specs}
+        if not self.world.main:  # every rank holds the same block: rank 0 writes it, the others only their streams
+            tensors = {}
         self.checkpoints.save(index, tensors, record, carried)
         block.to("meta")
 

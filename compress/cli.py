@@ -172,10 +172,16 @@ def run_compress(argv: list[str]) -> int:
 
     args = compress_parser().parse_args(argv)
     recipe = build_recipe(args)
+    import torch
+
+    from compress import distributed
+
+    world = distributed.world(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # torchrun: joined
     out = args.out or default_out(args.model, recipe)
     if not args.resume or not work_directory(out).exists():
         check_out(out, args.overwrite)
-    ppl_source = None if args.no_eval_ppl else (args.eval_ppl or ("demo" if args.model == "demo" else None))
+    ppl_source = None if args.no_eval_ppl or not world.main else \
+        (args.eval_ppl or ("demo" if args.model == "demo" else None))
     original = ppl_tokenizer = None
     if ppl_source:
         loaded = {}
@@ -208,13 +214,16 @@ def run_compress(argv: list[str]) -> int:
         model, tokenizer, resolved = load_model(args.model)
         compressed = compress_model(model, recipe, tokenizer=tokenizer)
         compressed.base_model = compressed.report["base_model"] = args.model if args.model == "demo" else resolved
-        save_compressed(compressed, out, overwrite=args.overwrite,
-                        extras=lambda directory: extras(directory, compressed, compressed.model))
+        if world.main:
+            save_compressed(compressed, out, overwrite=args.overwrite,
+                            extras=lambda directory: extras(directory, compressed, compressed.model))
+        distributed.barrier(world)
     else:
         compressed = compress_to_directory(args.model, recipe, out, device=args.device, offload=args.offload,
                                            resume=args.resume, overwrite=args.overwrite, extras=extras)
-    print(summary(compressed.report))
-    print(f"wrote {out.resolve()}")
+    if world.main:
+        print(summary(compressed.report))
+        print(f"wrote {out.resolve()}")
     return 0
 
 
@@ -413,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         print("compress: interrupted; --out was not written (a streamed run continues from its last finished block "
               "with --resume)", file=sys.stderr)
         return 130
+    finally:
+        from compress.distributed import close
+
+        close()
 
 
 if __name__ == "__main__":

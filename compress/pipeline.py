@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from calibration import group_statistics, load_text, run_block, sample_windows
 from calibration.data import CalibrationError
 from compress.architectures import Architecture, architecture
 from compress.blocks import InMemoryBlocks, StreamedBlocks
+from compress import distributed
 from compress.errors import CompressError
 from compress.layer import CompressedLinear
 from compress.factorize.saes_svd import SAES
@@ -72,6 +74,10 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         check_group_size(recipe.quantize.group_size, shapes, plan.ranks)
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
     notes = calibration_notes(input_ids)
+    world = distributed.world(getattr(source, "device", "cpu"))
+    if world.size > 1:
+        check_distributable(recipe, plan)
+        progress = progress and world.main
     search = None
     if recipe.bpw is not None and not recipe.forms:  # planned before the streams start: a resumed run plans alike
         planned, search = plan_forms(model, arch, source, targets, input_ids, recipe.bpw, recipe.quantize,
@@ -81,7 +87,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     cross = isinstance(recipe.factorize, SAES) or isinstance(recipe.quantize, GPTAQ)  # both streams' statistics
     compensated = recipe.compensate or any(form.rank for form in forms.values())  # low-rank parts: float64 Grams
     product_dtype = torch.float64 if recipe.factorize or compensated else torch.float32
-    state = source.start(model, arch, input_ids, recipe)
+    state = source.start(model, arch, distributed.shard(input_ids, world), recipe)
     hidden, fp_hidden, block_kwargs = state.hidden, state.fp_hidden, state.block_kwargs
     check_finite(hidden, "the calibration inputs of the first block")
     learner = LearnedQuantizer(recipe.quantize, len(blocks), state.pending) \
@@ -103,17 +109,26 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             statistics, fp_out = group_statistics(block, groups, hidden, block_kwargs, fp_hidden if step == 0 or cross
                                                   else None, cross, fp_outputs=step == 0, originals=originals,
                                                   product_dtype=product_dtype)
+            shared = {id(t): t for found in statistics.values() for t in (found.gram, found.cross) if t is not None}
+            distributed.sum_(list(shared.values()), world)  # once each: the linears of a group share one Gram
             if step == 0:
                 fp_next = fp_out
                 given = bases or (learner.learn(blocks, targets, index, hidden, fp_out, block_kwargs, arch.blocks)
                                   if learner else {})
-            for local in (local for group in groups for local in group):
-                name, linear = f"{prefix}.{local}", block.get_submodule(local)
+
+            def solve(local: str):
+                name = f"{prefix}.{local}"
                 rank, factorize, quantize, compensate = \
                     form_configs(forms[name], recipe.quantize, recipe.compensate) if forms else \
                     (plan.ranks.get(name), recipe.factorize, recipe.quantize, recipe.compensate)
-                layer, record = compress_linear(name, linear, statistics.pop(local), rank, factorize, quantize,
-                                                compensate, given.get(name), kernel)
+                return compress_linear(name, block.get_submodule(local), statistics.pop(local), rank, factorize,
+                                       quantize, compensate, given.get(name), kernel)
+
+            locals_ = [local for group in groups for local in group]
+            solved = distributed.share(locals_, [solve_cost(block.get_submodule(local)) for local in locals_], solve,
+                                       world)
+            for local, (layer, record) in zip(locals_, solved):
+                name, linear = f"{prefix}.{local}", block.get_submodule(local)
                 if forms:
                     record.details["form"] = forms[name].label
                 record.channels_kept = kept if local in arch.mlp and plan.prune else None
@@ -131,7 +146,8 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 layer.keep_dense(False)
         check_finite(hidden, f"the outputs of block {index} on the calibration windows")
         record = {"layers": {name: r.to_dict() for name, r in layers.items()},
-                  "block_output_error": stream_error(hidden, fp_hidden), "seconds": round(time.time() - started, 2),
+                  "block_output_error": stream_error(hidden, fp_hidden, world=world),
+                  "seconds": round(time.time() - started, 2),
                   "notes": [note for r in layers.values() for note in r.notes], "intermediate_size": kept}
         if kept:
             model.config.intermediate_size = kept
@@ -202,10 +218,13 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     from compress.formats.native import check_out, save_streamed
 
     out = Path(out)
+    device = compute_device(device)
+    world = distributed.world(device)
     work = work_directory(out)
     if not resume or not work.exists():
         check_out(out, overwrite)  # resuming into an existing --out is fine: it is replaced only at the end
-    device = compute_device(device)
+    if not world.main:  # each rank checkpoints its own share of the streams beside rank 0's work directory
+        work = work.with_name(f"{work.name}.rank{world.rank}")
     directory = checkpoint_directory(model)
     shards = Shards(directory)
     try:
@@ -221,14 +240,19 @@ def compress_to_directory(model: str, recipe: Recipe, out: str | Path, calib: st
     storage = (empty.config.dtype if isinstance(empty.config.dtype, torch.dtype)
                else getattr(torch, str(empty.config.dtype)))
     activation = (torch.float16 if storage == torch.float32 else storage) if offload else torch.float32
-    source = StreamedBlocks(shards, work, device, activation, storage, resume, overwrite)
+    source = StreamedBlocks(shards, work, device, activation, storage, resume, overwrite, world)
     compressed = compress_model(empty, recipe, calib, tokenizer, progress, source=source)
     compressed.base_model = compressed.report["base_model"] = model if model == "demo" else directory
+    if not world.main:  # rank 0 writes the output; the others drop their streams once it has
+        distributed.barrier(world)
+        shutil.rmtree(work)
+        return compressed
     files = source.write_outside(compressed.model, architecture(compressed.model))
     # A resumed run may replace the --out that its first run was allowed to replace. The bookkeeping goes only once
     # the output is complete (metadata and extras written): until then the run can still be resumed.
     save_streamed(compressed, source.work, out, files, overwrite or resume,
                   None if extras is None else lambda directory: extras(directory, compressed), source.checkpoints.clean)
+    distributed.barrier(world)
     return compressed
 
 
@@ -270,15 +294,33 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
                             "nothing was written")
 
 
-def stream_error(hidden: torch.Tensor, fp_hidden: torch.Tensor, windows: int = 8) -> float:
-    """||hidden - fp_hidden|| / ||fp_hidden|| over the calibration windows, a few windows at a time: float32 copies
-    of whole half-precision streams (--offload) would be twice their size each."""
+def stream_error(hidden: torch.Tensor, fp_hidden: torch.Tensor, windows: int = 8,
+                 world: distributed.World = distributed.World()) -> float:
+    """||hidden - fp_hidden|| / ||fp_hidden|| over the calibration windows (every rank's), a few windows at a time:
+    float32 copies of whole half-precision streams (--offload) would be twice their size each."""
     num = den = 0.0
     for compressed, reference in zip(hidden.split(windows), fp_hidden.split(windows)):
         reference = reference.float()
         num += (compressed.float() - reference).square().sum().item()
         den += reference.square().sum().item()
+    num, den = distributed.total([num, den], world)
     return (num / max(den, 1e-30)) ** 0.5
+
+
+def solve_cost(linear: nn.Module) -> float:
+    """A layer solve's relative cost, to balance owners across ranks: a factorization of its (in, in) Gram plus a
+    pass over its weight against it."""
+    out, inp = linear.weight.shape if hasattr(linear, "weight") else (linear.out_features, linear.in_features)
+    return float(inp) ** 3 + float(out) * float(inp) ** 2
+
+
+def check_distributable(recipe: Recipe, plan: Plan) -> None:
+    """Refuse, in one line, what does not run under torchrun yet."""
+    if isinstance(recipe.quantize, LearnedConfig):
+        raise CompressError(f"--quantize {type(recipe.quantize).__name__.lower()} learns from gradients over every "
+                            "window, which ranks do not average yet: run it in one process")
+    if plan.prune:
+        raise CompressError("LoRAP's MLP pruning ranks channels on the windows it sees: run it in one process")
 
 
 def calibration_notes(input_ids: torch.Tensor) -> list[str]:

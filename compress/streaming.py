@@ -101,13 +101,13 @@ def empty_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
 
 
 def fingerprint(model: str, recipe: dict, input_ids: torch.Tensor, blocks: int, device: torch.device,
-                activation_dtype: torch.dtype) -> dict:
-    """What must match for a run to resume another and write the same files: model, recipe, calibration tokens,
-    block count, torch, the kind of device and the activations' dtype (--offload)."""
+                activation_dtype: torch.dtype, world_size: int = 1) -> dict:
+    """What must match for a run to resume another and write the same files: model, recipe, calibration tokens (this
+    rank's), block count, torch, the kind of device, the activations' dtype (--offload) and the world size."""
     tokens = hashlib.sha256(input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
     return {"model": model, "recipe": recipe, "calibration_sha256": tokens, "blocks": blocks,
             "torch": torch.__version__, "device": device.type,
-            "activations": str(activation_dtype).removeprefix("torch.")}
+            "activations": str(activation_dtype).removeprefix("torch."), "world_size": world_size}
 
 
 def file_entry(path: Path) -> dict:
@@ -130,9 +130,10 @@ class Checkpoints:
 
     work: Path
     blocks: int
+    keep: int = 1  # generations of streams kept: 2 under torchrun, where a rank may have finished one block more
 
     @classmethod
-    def open(cls, work: Path, run: dict, resume: bool, overwrite: bool) -> "Checkpoints":
+    def open(cls, work: Path, run: dict, resume: bool, overwrite: bool, keep: int = 1) -> "Checkpoints":
         if work.exists() and not resume:
             if not overwrite:
                 raise CompressError(f"an interrupted run left {work}: pass --resume to continue it, "
@@ -149,7 +150,7 @@ class Checkpoints:
         else:
             work.mkdir(parents=True)
             write_atomic(work / RUN, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
-        return cls(work, run["blocks"])
+        return cls(work, run["blocks"], keep)
 
     def finished(self) -> int:
         """How many blocks, from the first, are finished."""
@@ -184,7 +185,7 @@ class Checkpoints:
         record = {**record, "file": {name: file_entry(self.work / name)}}
         write_atomic(self.work / f"block-{index:05d}.json",
                      lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-        (self.work / f"streams-{index - 1:05d}.safetensors").unlink(missing_ok=True)
+        (self.work / f"streams-{index - self.keep:05d}.safetensors").unlink(missing_ok=True)
 
     def clean(self) -> None:
         """Remove the bookkeeping, leaving only the output files. run.json goes first: a run stopped halfway

@@ -1,11 +1,13 @@
-"""CPU serving of 4-bit grids through torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`), which reads
-the packed nibbles directly instead of dequantizing the weight on every call.
+"""CPU serving of 2-, 3- and 4-bit grids through torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`),
+which reads the packed nibbles directly instead of dequantizing the weight on every call.
 
 The kernel computes in bfloat16: y = x @ W^T with W[o, i] = s[g, o] * (q[o, i] - 8) + m[g, o], s and m bfloat16 per
 group g. The project's grid W = s * (q - z) is the same with m = s * (8 - z); the integers carry over unchanged, the
 scales are rounded to bfloat16 (8 bits of mantissa against fp16's 11), so outputs differ from the float32 reference
-by bfloat16 rounding (about 3e-3 relative). It takes 4-bit weights without act-order groups whose output width is a
-multiple of 16 (the kernel's tile); everything else keeps the reference path.
+by bfloat16 rounding (about 3e-3 relative). A 2- or 3-bit integer sits in a 4-bit field, moved to its centre (q + 8 - 2^(bits-1),
+the zero moved alike, so s (q - z) is unchanged): the compact layout of those grids is half a byte per weight. It takes
+weights of at most 4 bits without act-order groups whose output width is a multiple of 16 (the kernel's tile);
+everything else keeps the reference path.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def int4_available() -> bool:
 
 @dataclass
 class Int4CPU:
-    """A 4-bit weight prepacked for the CPU kernel: packed (out, in / 2) uint8, scales_and_zeros (groups, out, 2)
+    """A weight of at most 4 bits prepacked for the CPU kernel: packed (out, in / 2) uint8, scales_and_zeros (groups, out, 2)
     bfloat16."""
 
     packed: torch.Tensor
@@ -34,14 +36,17 @@ class Int4CPU:
 
     @classmethod
     def from_quantized(cls, quantized: QuantizedWeight) -> "Int4CPU | None":
-        """The prepacked weight, or None where the kernel cannot take it (not 4-bit, act-order groups, shapes)."""
+        """The prepacked weight, or None where the kernel cannot take it (over 4 bits, act-order groups, shapes)."""
         rows, cols = quantized.shape
-        if (not int4_available() or quantized.bits != 4 or quantized.g_idx is not None or rows % TILE or cols % 2
+        if (not int4_available() or quantized.bits > 4 or quantized.g_idx is not None or rows % TILE or cols % 2
                 or quantized.group_size % 2):
             return None
+        # W = s (q - z) = s (q' - 8) + s (8 - z'), q' = q + c, z' = z + c: c centres a 2/3-bit grid in the field,
+        # so that the kernel's bfloat16 terms stay as small as a 4-bit grid's (s (q' - 8) about +-8 s, not -8 s)
+        centre = 8 - 2 ** (quantized.bits - 1)
         scales = quantized.scales.float()
-        shift = scales * (8 - quantized.zeros().float())  # W = s (q - z) = s (q - 8) + s (8 - z)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(quantized.ints().contiguous(), 1)
+        shift = scales * (8 - quantized.zeros().float() - centre)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((quantized.ints() + centre).contiguous(), 1)
         scales_and_zeros = torch.stack([scales, shift], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return cls(packed, scales_and_zeros, quantized.group_size, rows)
 

@@ -19,16 +19,18 @@ def quantized(out: int, inp: int, bits: int, group_size: int, symmetric: bool, s
     return make_quantized(quantize_ints(weight, scales, zeros, bits), scales, zeros, bits, symmetric)
 
 
-@pytest.mark.parametrize("group_size, symmetric", [(32, False), (64, True), (128, False)])
-def test_int4_kernel_gives_the_grids_values_up_to_bfloat16(group_size, symmetric):
-    weight = quantized(96, 256, 4, group_size, symmetric)
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (4, 128, False),
+                                                      (3, 64, False), (2, 128, True)])
+def test_int4_kernel_gives_the_grids_values_up_to_bfloat16(bits, group_size, symmetric):
+    weight = quantized(96, 256, bits, group_size, symmetric)
     served = Int4CPU.from_quantized(weight)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
     reference = x @ weight.dequantize().T
     # the same product with every input the kernel reads rounded to bfloat16, as it reads them
+    centre = 8 - 2 ** (bits - 1)  # 2/3-bit integers sit at the centre of the 4-bit field
     scales = weight.scales.float().to(torch.bfloat16).float().repeat_interleave(group_size, 1)
-    shift = (weight.scales.float() * (8 - weight.zeros().float())).to(torch.bfloat16).float()
-    rounded = scales * (weight.ints().float() - 8) + shift.repeat_interleave(group_size, 1)
+    shift = (weight.scales.float() * (8 - weight.zeros().float() - centre)).to(torch.bfloat16).float()
+    rounded = scales * (weight.ints().float() + centre - 8) + shift.repeat_interleave(group_size, 1)
     bf16_reference = x.to(torch.bfloat16).float() @ rounded.T
     y = served(x)
     assert y.dtype == torch.float32
@@ -37,7 +39,7 @@ def test_int4_kernel_gives_the_grids_values_up_to_bfloat16(group_size, symmetric
     assert (y - reference).abs().max() < 1e-2 * scale  # ~4e-3
 
 
-@pytest.mark.parametrize("bits, out, act_order", [(3, 96, False), (4, 100, False), (4, 96, True)])
+@pytest.mark.parametrize("bits, out, act_order", [(8, 96, False), (4, 100, False), (4, 96, True)])
 def test_grids_the_kernel_cannot_take_keep_the_reference(bits, out, act_order):
     weight = quantized(out, 256, bits, 64, False)
     if act_order:

@@ -1,0 +1,129 @@
+"""Scale-out on torch.distributed: `torchrun --nproc-per-node N -m compress ...` with a single process's flags.
+
+The process group comes from torchrun's environment (NCCL when blocks compute on CUDA, gloo on the CPU). Each rank
+holds every `size`-th calibration window (both streams) and runs the blocks' forwards on them; the statistics of each
+linear (Grams, cross terms) are summed across ranks; each layer's solve is owned by one rank, the owners of a capture
+step balanced by the solve's cost (longest first, to the least loaded rank), and the compressed layer broadcast to the
+others; every rank propagates its own windows through the compressed block. Rank 0 writes the output and shows the
+progress. Without torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity.
+
+The same world size gives the same files run to run (gloo's and NCCL's sums run in a fixed order for a fixed size);
+against one process the Grams differ by the order of their float sums, so the layers differ where a rounding
+decision sat on that last bit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from compress.errors import CompressError
+
+TIMEOUT = timedelta(minutes=30)  # a rank waiting on a collective gives up after this (a dead peer usually errs sooner)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world(device: torch.device | str = "cpu") -> World:
+    """This process's place in the run: the torchrun process group (started on first use), or a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1 or not dist.is_available():
+        return World()
+    if not dist.is_initialized():
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as exc:
+            raise CompressError(f"cannot join the torch.distributed process group: {str(exc).splitlines()[0]}") \
+                from None
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def shard(input_ids: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's calibration windows: every size-th, from its rank on."""
+    if len(input_ids) < world.size:
+        raise CompressError(f"{len(input_ids)} calibration windows cannot be shared by {world.size} ranks: "
+                            "raise --nsamples or start fewer processes")
+    return input_ids[world.rank::world.size]
+
+
+def sum_(tensors: list[torch.Tensor], world: World) -> None:
+    """Sum each tensor across ranks, in place."""
+    if world.size > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+def total(values: list[float], world: World) -> list[float]:
+    """Each float summed across ranks (float64)."""
+    if world.size == 1:
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device=communication_device())
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def least(value: int, world: World) -> int:
+    """The smallest of an integer across ranks."""
+    if world.size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=communication_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def owners(costs: list[float], size: int) -> list[int]:
+    """The rank that solves each item: longest first, each to the least loaded rank (the lowest on a tie)."""
+    load = [0.0] * size
+    owner = [0] * len(costs)
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(size), key=lambda r: (load[r], r))
+        owner[item], load[rank] = rank, load[rank] + costs[item]
+    return owner
+
+
+def share(items: list, costs: list[float], solve: Callable, world: World) -> list:
+    """[solve(item) for item in items], each solved by its owner and broadcast to the others (owners balanced by
+    `costs`). Every owner solves all its items before any broadcast, so the ranks solve side by side."""
+    if world.size == 1:
+        return [solve(item) for item in items]
+    owner = owners(costs, world.size)
+    mine = {i: solve(item) for i, item in enumerate(items) if owner[i] == world.rank}
+    results = []
+    for i in range(len(items)):
+        payload = [mine.get(i)]
+        dist.broadcast_object_list(payload, src=owner[i], device=communication_device())
+        results.append(payload[0])
+    return results
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def close() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def communication_device() -> torch.device:
+    """Where collectives' own tensors live: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
