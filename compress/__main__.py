@@ -1,4 +1,4 @@
-"""`python -m compress ...`, and under torchrun `torchrun --nproc-per-node N -m compress ...`: the `compress` command."""
+"""`python -m compress ...`, and under torchrun `torchrun --nproc-per-node N -m compress ...`: the command."""
 import sys
 
 from compress.cli import main

@@ -4,10 +4,10 @@ which reads the packed nibbles directly instead of dequantizing the weight on ev
 The kernel computes in bfloat16: y = x @ W^T with W[o, i] = s[g, o] * (q[o, i] - 8) + m[g, o], s and m bfloat16 per
 group g. The project's grid W = s * (q - z) is the same with m = s * (8 - z); the integers carry over unchanged, the
 scales are rounded to bfloat16 (8 bits of mantissa against fp16's 11), so outputs differ from the float32 reference
-by bfloat16 rounding (about 3e-3 relative). A 2- or 3-bit integer sits in a 4-bit field, moved to its centre (q + 8 - 2^(bits-1),
-the zero moved alike, so s (q - z) is unchanged): the compact layout of those grids is half a byte per weight. It takes
-weights of at most 4 bits without act-order groups whose output width is a multiple of 16 (the kernel's tile);
-everything else keeps the reference path.
+by bfloat16 rounding (about 3e-3 relative). A 2- or 3-bit integer sits in a 4-bit field, moved to its centre
+(q + 8 - 2^(bits-1), the zero moved alike, so s (q - z) is unchanged): the compact layout of those grids is half a
+byte per weight. It takes weights of at most 4 bits without act-order groups whose output width is a multiple of 16
+(the kernel's tile); everything else keeps the reference path.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def int4_available() -> bool:
 
 @dataclass
 class Int4CPU:
-    """A weight of at most 4 bits prepacked for the CPU kernel: packed (out, in / 2) uint8, scales_and_zeros (groups, out, 2)
-    bfloat16."""
+    """A weight of at most 4 bits prepacked for the CPU kernel: packed (out, in / 2) uint8, scales_and_zeros
+    (groups, out, 2) bfloat16."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor

@@ -45,7 +45,8 @@ def rank_main(rank: int, size: int, port: int, argv: list[str], die_in_block: in
 def run_ranks(argv: list[str], size: int = 2, die_in_block: int | None = None) -> list[int]:
     context = multiprocessing.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=rank_main, args=(rank, size, port, argv, die_in_block)) for rank in range(size)]
+    processes = [context.Process(target=rank_main, args=(rank, size, port, argv, die_in_block))
+                 for rank in range(size)]
     for process in processes:
         process.start()
     for process in processes:
