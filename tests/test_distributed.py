@@ -55,7 +55,8 @@ def run_ranks(argv: list[str], size: int = 2, die_in_block: int | None = None) -
 
 
 def digests(directory) -> dict[str, str]:
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.glob("*.safetensors"))}
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.glob("*.safetensors"))}
 
 
 def test_owners_balance_the_solves():
