@@ -14,6 +14,8 @@ decision sat on that last bit.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -24,6 +26,16 @@ import torch.distributed as dist
 from compress.errors import CompressError
 
 TIMEOUT = timedelta(minutes=30)  # a rank waiting on a collective gives up after this (a dead peer usually errs sooner)
+COLLECTIVE_SECONDS = [0.0]  # this process's time in collectives: transfers, and waiting for the slowest rank
+
+
+@contextmanager
+def collective():
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        COLLECTIVE_SECONDS[0] += time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,9 @@ def shard(input_ids: torch.Tensor, world: World) -> torch.Tensor:
 def sum_(tensors: list[torch.Tensor], world: World) -> None:
     """Sum each tensor across ranks, in place."""
     if world.size > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor)
+        with collective():
+            for tensor in tensors:
+                dist.all_reduce(tensor)
 
 
 def total(values: list[float], world: World) -> list[float]:
@@ -73,7 +86,8 @@ def total(values: list[float], world: World) -> list[float]:
     if world.size == 1:
         return values
     summed = torch.tensor(values, dtype=torch.float64, device=communication_device())
-    dist.all_reduce(summed)
+    with collective():
+        dist.all_reduce(summed)
     return summed.tolist()
 
 
@@ -82,7 +96,8 @@ def least(value: int, world: World) -> int:
     if world.size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=communication_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    with collective():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
 
 
@@ -106,14 +121,16 @@ def share(items: list, costs: list[float], solve: Callable, world: World) -> lis
     results = []
     for i in range(len(items)):
         payload = [mine.get(i)]
-        dist.broadcast_object_list(payload, src=owner[i], device=communication_device())
+        with collective():
+            dist.broadcast_object_list(payload, src=owner[i], device=communication_device())
         results.append(payload[0])
     return results
 
 
 def barrier(world: World) -> None:
     if world.size > 1:
-        dist.barrier()
+        with collective():
+            dist.barrier()
 
 
 def close() -> None:

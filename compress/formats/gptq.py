@@ -307,6 +307,9 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     if options.checkpoint_format == "gptq" and not config["sym"]:
         zero_point_zeros = sum(int((layer.quantized.zeros() == 0).sum()) for layer in layers.values())
     warnings = serving_warnings(config, zero_point_zeros)
+    if options.checkpoint_format == "gptq" and not config["sym"]:
+        warnings.append("GPTQModel (7.6) refuses an asymmetric v1 checkpoint that it did not write itself: for "
+                        "GPTQModel, export with --checkpoint-format gptq_v2")
     if plain:
         warnings.append(f"{len(plain)} linear layers the recipe left out (e.g. {plain[0]}) stay fp16, marked as "
                         "skipped in quantization_config.dynamic; vLLM cannot serve a fused qkv/gate_up layer that "
