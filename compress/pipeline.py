@@ -121,14 +121,16 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 rank, factorize, quantize, compensate = \
                     form_configs(forms[name], recipe.quantize, recipe.compensate) if forms else \
                     (plan.ranks.get(name), recipe.factorize, recipe.quantize, recipe.compensate)
-                return compress_linear(name, block.get_submodule(local), statistics.pop(local), rank, factorize,
-                                       quantize, compensate, given.get(name), kernel)
+                layer, record = compress_linear(name, block.get_submodule(local), statistics.pop(local), rank,
+                                                factorize, quantize, compensate, given.get(name), kernel)
+                return (layer.cpu() if world.size > 1 else layer), record  # broadcast from the CPU: any rank's device
 
             locals_ = [local for group in groups for local in group]
             solved = distributed.share(locals_, [solve_cost(block.get_submodule(local)) for local in locals_], solve,
                                        world)
             for local, (layer, record) in zip(locals_, solved):
                 name, linear = f"{prefix}.{local}", block.get_submodule(local)
+                layer = layer.to(linear.weight.device)
                 if forms:
                     record.details["form"] = forms[name].label
                 record.channels_kept = kept if local in arch.mlp and plan.prune else None
