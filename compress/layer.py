@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels.cpu_int4 import Int4CPU
+from kernels.cpu_serving import Int4CPU, Int8CPU
 from kernels.grid import QuantizedWeight
 from kernels.reference import materialize
 
@@ -134,12 +134,12 @@ class CompressedLinear(nn.Module):
         self.dense_operands = {} if keep else None
 
     def serve_on_cpu(self) -> bool:
-        """Serve forward through torch's CPU int4 kernel (kernels.cpu_int4, bfloat16) when the base allows it, the
-        low-rank part as two small float32 matmuls; the base's own buffers are dropped, so the layer holds the packed
-        size once but can no longer be saved. Returns whether the layer is served so."""
+        """Serve forward through torch's CPU int4 or int8 kernel (kernels.cpu_serving, bfloat16) when the base allows
+        it, the low-rank part as two small float32 matmuls; the base's own buffers are dropped, so the layer holds the
+        packed size once but can no longer be saved. Returns whether the layer is served so."""
         if not isinstance(self.base, PackedTensor):
             return False
-        served = Int4CPU.from_quantized(self.base.operand())
+        served = Int4CPU.from_quantized(self.base.operand()) or Int8CPU.from_quantized(self.base.operand())
         if served is None:
             return False
         self.served, self.base = served, None
@@ -169,8 +169,10 @@ class CompressedLinear(nn.Module):
 
 
 def serve_on_cpu(model: nn.Module) -> dict[str, int]:
-    """Serve every CompressedLinear that the CPU int4 kernel takes through it (CompressedLinear.serve_on_cpu), for
-    inference only; returns how many layers are served so and how many keep the reference path."""
-    layers = [layer for layer in model.modules() if isinstance(layer, CompressedLinear)]
-    served = sum(layer.serve_on_cpu() for layer in layers)
-    return {"int4": served, "reference": len(layers) - served}
+    """Serve every CompressedLinear that a CPU kernel takes through it (CompressedLinear.serve_on_cpu), for inference
+    only; returns how many layers each kernel serves and how many keep the reference path."""
+    counts = {"int4": 0, "int8": 0, "reference": 0}
+    for layer in [layer for layer in model.modules() if isinstance(layer, CompressedLinear)]:
+        served = layer.serve_on_cpu()
+        counts["reference" if not served else "int4" if isinstance(layer.served, Int4CPU) else "int8"] += 1
+    return counts

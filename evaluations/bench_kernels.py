@@ -7,7 +7,7 @@ kernel on Llama-3-8B layer shapes at batch 1, 16 and 2048; then decode tokens/s 
     python -m evaluations.bench_kernels --scale 1 --batches 1 16 --repeat 5    # CPU, the 8B shapes
 
 On a CPU the Triton kernels only run in the interpreter, so the reference path, the layer served through torch's
-CPU int4 kernel (`serve_on_cpu`), that kernel alone and dense matmul are timed, the demo and a two-block
+CPU int4 or int8 kernels (`serve_on_cpu`), the int4 kernel alone and dense matmul are timed, the demo and a two-block
 8B-shaped model decode dense, compressed and served, and the output says that the GPU figures were not measured.
 Writes evaluations/results/bench_kernels/results.json.
 """
@@ -146,12 +146,15 @@ def bench_layers(shapes, batches, dtype: torch.dtype, device: torch.device, repe
             int4 = int4_torch(x, out_features, g)
             if int4 is not None:
                 variants.append(("int4 torch (w4g128, rank 0)", int4, nbytes(x, base) + out))
-            if not gpu:  # the layer as load_compressed serves it after serve_on_cpu: int4 kernel + two small matmuls
-                for label in ("w4g128+r64", "w4g128 (rank 0)"):
-                    layer = CompressedLinear.from_parts(*formats[label])
+            if not gpu:  # the layer as load_compressed serves it after serve_on_cpu: int4/int8 kernel + two matmuls
+                served = {**formats, "w8g128 (rank 0)": (random_quantized(out_features, in_features, 8, device, g),
+                                                         None, None)}
+                for label in ("w4g128+r64", "w4g128 (rank 0)", "w8g128 (rank 0)"):
+                    layer = CompressedLinear.from_parts(*served[label])
                     if layer.serve_on_cpu():
-                        variants.append((f"{label} served (cpu int4)", partial(layer, x),
-                                         nbytes(x, *formats[label]) + out))
+                        kind = "int4" if label.startswith("w4") else "int8"
+                        variants.append((f"{label} served (cpu {kind})", partial(layer, x),
+                                         nbytes(x, *served[label]) + out))
             dense_seconds = None
             for name, fn, moved in variants:
                 seconds = median_seconds(fn, device, repeat, warmup)

@@ -1,5 +1,6 @@
-"""CPU serving of 2-, 3- and 4-bit grids through torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`),
-which reads the packed nibbles directly instead of dequantizing the weight on every call.
+"""CPU serving of quantized layers through torch's weight-only CPU kernels, which read the integers directly instead
+of dequantizing the weight on every call: 2-, 3- and 4-bit grids through the int4 kernel (`Int4CPU`), 8-bit grids
+through the int8 kernel (`Int8CPU`).
 
 The kernel computes in bfloat16: y = x @ W^T with W[o, i] = s[g, o] * (q[o, i] - 8) + m[g, o], s and m bfloat16 per
 group g. The project's grid W = s * (q - z) is the same with m = s * (8 - z); the integers carry over unchanged, the
@@ -59,3 +60,50 @@ class Int4CPU:
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + \
             self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+
+
+def int8_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@dataclass
+class Int8CPU:
+    """An 8-bit weight unpacked once to int8 for torch's int8 kernel (`_weight_int8pack_mm`, bfloat16), which takes
+    one scale per output channel: a grid with groups runs it once per group of columns,
+
+        y = sum_g s_g * (x_g @ (q_g - z_g)^T) = sum_g kernel(x_g, q_g - 128, s_g) - s_g (z_g - 128) sum(x_g),
+
+    the integers shifted to int8 (q - 128) and the zero with them. weights (groups, out, group_size) int8, scales
+    (groups, out) bfloat16, offsets (groups, out) float32 = s (z - 128), zero for a symmetric grid: 1 byte per weight,
+    the packed size."""
+
+    weights: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    out_features: int
+
+    @classmethod
+    def from_quantized(cls, quantized: QuantizedWeight) -> "Int8CPU | None":
+        """The unpacked weight, or None where the kernel cannot take it (not 8-bit, act-order groups)."""
+        rows, cols = quantized.shape
+        if not int8_available() or quantized.bits != 8 or quantized.g_idx is not None:
+            return None
+        groups = cols // quantized.group_size
+        shifted = (quantized.ints() - 128).to(torch.int8).reshape(rows, groups, quantized.group_size)
+        scales = quantized.scales.float()
+        offsets = None if quantized.symmetric else (scales * (quantized.zeros() - 128)).T.contiguous()
+        return cls(shifted.transpose(0, 1).contiguous(), scales.T.contiguous().to(torch.bfloat16), offsets, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) of any float dtype -> (..., out) in x's dtype, computed in bfloat16, accumulated in float32."""
+        groups, _, size = self.weights.shape
+        rows = x.reshape(-1, groups, size).to(torch.bfloat16)
+        y = torch.zeros(rows.shape[0], self.out_features, dtype=torch.float32)
+        for g in range(groups):
+            y += torch.ops.aten._weight_int8pack_mm(rows[:, g].contiguous(), self.weights[g], self.scales[g]).float()
+        if self.offsets is not None:
+            y -= rows.float().sum(-1) @ self.offsets
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weights, self.scales, self.offsets) if t is not None)
