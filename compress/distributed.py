@@ -91,6 +91,15 @@ def total(values: list[float], world: World) -> list[float]:
     return summed.tolist()
 
 
+def most(value: float, world: World) -> float:
+    """The largest of a float across ranks."""
+    if world.size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=communication_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def least(value: int, world: World) -> int:
     """The smallest of an integer across ranks."""
     if world.size == 1:

@@ -7,7 +7,7 @@
 
 --runs RxT runs each recipe as R ranks of T threads each (R > 1: R processes joined by torch.distributed, gloo on the
 CPU, as torchrun starts them), and prints seconds per block as ratios against the first run, with each run's share
-of time in collectives (transfers and waiting for the slowest rank).
+of time in collectives (transfers and waiting for the slowest rank; the rank that spent the most).
 
 The checkpoint is written shard by shard (one block per shard, bf16, never whole in memory), then each recipe runs
 in its own process so that its peak resident memory is its own: `--rank-budget 0.5 --wbits 4` (SVD-LLM, 4-bit
@@ -113,7 +113,7 @@ def compress_once(model: Path, recipe_name: str, out: Path, nsamples: int, seqle
               "nsamples": nsamples, "seqlen": seqlen,
               "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
               "threads": torch.get_num_threads(), "ranks": world.size,
-              "collective_seconds": round(distributed.COLLECTIVE_SECONDS[0], 1),
+              "collective_seconds": round(distributed.most(distributed.COLLECTIVE_SECONDS[0], world), 1),
               "offload": offload, "seconds": round(seconds, 1), "block_seconds": blocks,
               "fixed_seconds": round(fixed, 1),
               "extrapolated_32_blocks_seconds": round(fixed + 32 * sum(blocks) / len(blocks), 1),
