@@ -139,7 +139,8 @@ class CompressedLinear(nn.Module):
         packed size once but can no longer be saved. Returns whether the layer is served so."""
         if not isinstance(self.base, PackedTensor):
             return False
-        served = Int4CPU.from_quantized(self.base.operand()) or Int8CPU.from_quantized(self.base.operand())
+        quantized = self.base.operand()
+        served = Int4CPU.from_quantized(quantized) or Int8CPU.from_quantized(quantized)
         if served is None:
             return False
         self.served, self.base = served, None

@@ -107,7 +107,7 @@ def export(source: str | Path, fmt: str, out: str | Path, options: ExportOptions
         elif fmt == "onnx":
             warnings, checks = [], write_onnx(model, tokenizer, tmp, options.onnx_tolerance)
         elif fmt == "gguf":
-            warnings, checks = write_gguf(model, tokenizer, tmp, config["recipe"], options)
+            warnings, checks = write_gguf(model, tokenizer, tmp, options)
         else:
             writer = write_gptq if fmt == "gptq" else write_compressed_tensors
             warnings, checks = writer(model, tokenizer, tmp, config["recipe"], options, adapter_base=str(out.resolve()))

@@ -109,8 +109,8 @@ def pre_tokenizer(tokenizer_json: dict) -> str | None:
     return None
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> list[str]:
-    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) model; returns warnings."""
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> tuple[list[str], str]:
+    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) model; returns (warnings, the pre-tokenizer written)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise CompressError("GGUF export needs a fast (tokenizer.json) tokenizer")
@@ -128,8 +128,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> list[str]:
             types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in data["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    pre = pre_tokenizer(data)
-    writer.add_tokenizer_pre(pre or "default")
+    pre = pre_tokenizer(data) or "default"
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -142,11 +142,13 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> list[str]:
     writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
-    return [] if pre else ["the tokenizer's pre-tokenizer is not one llama.cpp knows by its structure: written as "
-                           "'default', so llama.cpp may split text into other tokens than transformers does"]
+    warnings = [] if pre != "default" else [
+        "the tokenizer's pre-tokenizer is not one llama.cpp knows by its structure: written as 'default', so "
+        "llama.cpp may split text into other tokens than transformers does"]
+    return warnings, pre
 
 
-def write_gguf(model: nn.Module, tokenizer, directory: Path, recipe: dict, options) -> tuple[list[str], dict]:
+def write_gguf(model: nn.Module, tokenizer, directory: Path, options) -> tuple[list[str], dict]:
     """FILE in `directory`: the model in llama.cpp's llama architecture, quantized layers carried over as blocks
     where their grid allows (see the module docstring)."""
     import gguf
@@ -170,7 +172,7 @@ def write_gguf(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     writer.add_rope_freq_base(float(config["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["eps"]))
     writer.add_vocab_size(config["vocab"])
-    warnings = add_tokenizer(writer, tokenizer, config["vocab"])
+    warnings, pre = add_tokenizer(writer, tokenizer, config["vocab"])
 
     kinds: Counter = Counter()
     requantized, merged = [], []
@@ -221,7 +223,7 @@ def write_gguf(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     return warnings, {"file": FILE, "tensor_types": dict(sorted(kinds.items())),
                       "carried_over": len(compressed) - len(requantized) - len(merged),
                       "requantized": requantized, "merged": merged,
-                      "tokenizer_pre": pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str())) or "default"}
+                      "tokenizer_pre": pre}
 
 
 def gguf_name(names, key: str) -> str:

@@ -304,10 +304,11 @@ def write_gptq(model: nn.Module, tokenizer, directory: Path, recipe: dict, optio
     (directory / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     zero_point_zeros = 0
-    if options.checkpoint_format == "gptq" and not config["sym"]:
+    asymmetric_v1 = options.checkpoint_format == "gptq" and not config["sym"]
+    if asymmetric_v1:
         zero_point_zeros = sum(int((layer.quantized.zeros() == 0).sum()) for layer in layers.values())
     warnings = serving_warnings(config, zero_point_zeros)
-    if options.checkpoint_format == "gptq" and not config["sym"]:
+    if asymmetric_v1:
         warnings.append("GPTQModel (7.6) refuses an asymmetric v1 checkpoint that it did not write itself: for "
                         "GPTQModel, export with --checkpoint-format gptq_v2")
     if plain:
