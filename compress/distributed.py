@@ -4,8 +4,10 @@ The process group comes from torchrun's environment (NCCL when blocks compute on
 holds every `size`-th calibration window (both streams) and runs the blocks' forwards on them; the statistics of each
 linear (Grams, cross terms) are summed across ranks; each layer's solve is owned by one rank, the owners of a capture
 step balanced by the solve's cost (longest first, to the least loaded rank), and the compressed layer broadcast to the
-others; every rank propagates its own windows through the compressed block. Rank 0 writes the output and shows the
-progress. Without torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity.
+others; every rank propagates its own windows through the compressed block. Learned quantizers (LRQ, CBQ, SignRound)
+draw each step's batch from every rank's windows and average their gradients across ranks (`average_gradients`), so
+every rank learns the same weights; LoRAP sums its channel norms. Rank 0 writes the output and shows the progress.
+Without torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity.
 
 The same world size gives the same files run to run (gloo's and NCCL's sums run in a fixed order for a fixed size);
 against one process the Grams differ by the order of their float sums, so the layers differ where a rounding
@@ -65,6 +67,14 @@ def world(device: torch.device | str = "cpu") -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def current() -> World:
+    """This process's place in a process group already joined (see `world`), else a single process: what the
+    learned quantizers read, which run inside the pipeline's block loop and never start a group themselves."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
 def shard(input_ids: torch.Tensor, world: World) -> torch.Tensor:
     """This rank's calibration windows: every size-th, from its rank on."""
     if len(input_ids) < world.size:
@@ -89,6 +99,37 @@ def total(values: list[float], world: World) -> list[float]:
     with collective():
         dist.all_reduce(summed)
     return summed.tolist()
+
+
+def share_of_batch(batch_size: int, windows: int, world: World) -> int:
+    """How many windows a rank draws for a step of a learned quantizer whose batch is `batch_size` windows over all
+    ranks: ceil(batch_size / size), at most the `windows` it holds."""
+    return max(1, min(-(-batch_size // world.size), windows))
+
+
+def mean(value: float, count: int, world: World) -> float:
+    """The mean over all ranks' windows of a per-window mean `value` over this rank's `count` windows."""
+    if world.size == 1:
+        return value
+    summed, counted = total([value * count, float(count)], world)
+    return summed / counted
+
+
+def average_gradients(params: list[torch.Tensor], count: int, world: World) -> None:
+    """Replace each parameter's gradient (of a mean over this rank's `count` windows) by the gradient of the mean over
+    every rank's windows: the ranks' gradients weighted by their window counts, summed in float64 in one all-reduce.
+    Every rank then takes the same step from the same parameters, so the learned weights agree on every rank."""
+    if world.size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    counted = torch.ones(1, dtype=torch.float64, device=grads[0].device)  # the last entry sums the window counts
+    flat = torch.cat([g.reshape(-1).double() for g in grads] + [counted]).mul_(count)
+    flat = flat.to(communication_device())
+    with collective():
+        dist.all_reduce(flat)
+    flat = (flat[:-1] / flat[-1]).to(grads[0].device)
+    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = piece.reshape(p.shape).to(p.dtype)
 
 
 def most(value: float, world: World) -> float:

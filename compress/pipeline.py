@@ -75,9 +75,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     input_ids = calibration_ids(model, tokenizer, recipe, calib)
     notes = calibration_notes(input_ids)
     world = distributed.world(getattr(source, "device", "cpu"))
-    if world.size > 1:
-        check_distributable(recipe, plan)
-        progress = progress and world.main
+    progress = progress and world.main
     search = None
     if recipe.bpw is not None and not recipe.forms:  # planned before the streams start: a resumed run plans alike
         planned, search = plan_forms(model, arch, source, targets, input_ids, recipe.bpw, recipe.quantize,
@@ -100,7 +98,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         started, prefix, block = time.time(), f"{arch.blocks}.{index}", blocks[index]
         source.load(model, arch, learner.window(index) if learner else range(index, index + 1))
         # LoRAP narrows the MLP first; `originals` hold what the full-precision stream runs through
-        kept, originals = prune_mlp(block, arch, hidden, block_kwargs, 1 - recipe.factorize.rank_budget) \
+        kept, originals = prune_mlp(block, arch, hidden, block_kwargs, 1 - recipe.factorize.rank_budget, world) \
             if plan.prune else (None, {})
         layers, fp_next = {}, None
         for step, groups in enumerate(capture_steps(arch, targets[index], prefix, recipe.true_sequential)):
@@ -314,15 +312,6 @@ def solve_cost(linear: nn.Module) -> float:
     pass over its weight against it."""
     out, inp = linear.weight.shape if hasattr(linear, "weight") else (linear.out_features, linear.in_features)
     return float(inp) ** 3 + float(out) * float(inp) ** 2
-
-
-def check_distributable(recipe: Recipe, plan: Plan) -> None:
-    """Refuse, in one line, what does not run under torchrun yet."""
-    if isinstance(recipe.quantize, LearnedConfig):
-        raise CompressError(f"--quantize {type(recipe.quantize).__name__.lower()} learns from gradients over every "
-                            "window, which ranks do not average yet: run it in one process")
-    if plan.prune:
-        raise CompressError("LoRAP's MLP pruning ranks channels on the windows it sees: run it in one process")
 
 
 def calibration_notes(input_ids: torch.Tensor) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from calibration import Statistics, group_statistics, run_block
+from compress import distributed
 from compress.allocate import lorap_attention_ranks, uniform_ranks, welore_ranks
 from compress.architectures import Architecture
 from compress.compensate import CompensateConfig
@@ -198,16 +199,17 @@ def factor_gram(down: QuantizedWeight, gram: torch.Tensor, config: GridConfig) -
     return down @ gram.double() @ down.T
 
 
-def prune_mlp(block: nn.Module, arch: Architecture, hidden: torch.Tensor, block_kwargs: dict,
-              fraction: float) -> tuple[int, dict[str, nn.Module]]:
+def prune_mlp(block: nn.Module, arch: Architecture, hidden: torch.Tensor, block_kwargs: dict, fraction: float,
+              world: distributed.World = distributed.World()) -> tuple[int, dict[str, nn.Module]]:
     """LoRAP's structured pruning of one block's MLP, in place (its three linears replaced by narrower ones), from
-    the channel norms of the block's calibration inputs; returns the intermediate channels kept and the original
-    linears {name inside the block: module}.
+    the channel norms of the block's calibration inputs (every rank's windows); returns the intermediate channels
+    kept and the original linears {name inside the block: module}.
 
     The kept count is rounded down to a multiple of 32, so that quantization groups still divide down_proj's
     input (a prime width would leave groups of one column)."""
     gate, up, down = arch.mlp
     statistics, _ = group_statistics(block, [(gate,), (down,)], hidden, block_kwargs)
+    distributed.sum_([statistics[gate].gram, statistics[down].gram], world)
     input_norm, inter_norm = (statistics[n].gram.diagonal().clamp(min=0).sqrt().float() for n in (gate, down))
     weights = [block.get_submodule(n).weight.detach().float() for n in arch.mlp]
     scores = channel_scores(*weights, input_norm, inter_norm)

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from compress import distributed
 from compress.errors import CompressError
 from compress.quantize import LearnedConfig
 from kernels.grid import QuantizedWeight, dequantize, find_params, make_quantized, resolve_group_size
@@ -361,9 +362,11 @@ def learn_window_cbq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]
     modules = [r for named in roundings for r in named.values()]
     if config.iterations == 0 or not modules:
         return roundings
-    optimizer = torch.optim.Adam([p for r in modules for p in r.parameters()], lr=config.lr)
+    params = [p for r in modules for p in r.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    batch = min(config.batch_size, len(inputs))
+    world = distributed.current()  # under torchrun: each rank draws its part of the batch from its own windows
+    batch = distributed.share_of_batch(config.batch_size, len(inputs), world)
     count = sum(r.weight.numel() for r in modules)
     for step in range(config.iterations):
         beta, temperature = schedule(step, config.iterations)
@@ -378,6 +381,7 @@ def learn_window_cbq(blocks: list[nn.Module], linears: list[dict[str, nn.Linear]
             loss = loss + config.reg_weight * regulariser / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(params, batch, world)
         optimizer.step()
     return roundings
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from compress import distributed
 from compress.errors import CompressError
 from compress.quantize import LearnedConfig
 from kernels.grid import QuantizedWeight, find_params, make_quantized, resolve_group_size
@@ -144,11 +145,13 @@ def train_lrq_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: tor
         return quantizers
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations, eta_min=0.0)
+    world = distributed.current()  # under torchrun: each rank draws its part of the batch from its own windows
+    batch_size = distributed.share_of_batch(config.batch_size, len(inputs), world)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(config.iterations):
-        if len(order) < config.batch_size:  # a new pass over the windows, in a seeded random order
+        if len(order) < batch_size:  # a new pass over the windows, in a seeded random order
             order = torch.cat([order, torch.randperm(len(inputs), generator=generator)])
-        batch, order = order[:config.batch_size], order[config.batch_size:]
+        batch, order = order[:batch_size], order[batch_size:]
         x = inputs[batch].to(device, torch.float32)
         y = targets[batch].to(device, torch.float32)
         quantized = {local[name]: q.weight(weights[name]) for name, q in quantizers.items()}
@@ -156,6 +159,7 @@ def train_lrq_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: tor
         loss = (out - y).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(params, len(batch), world)
         optimizer.step()
         schedule.step()
     return quantizers

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from compress import distributed
 from compress.errors import CompressError
 from compress.quantize import GridConfig, LearnedConfig
 from compress.quantize.gptq import run_gptq
@@ -176,6 +177,7 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
     device = next(block.parameters()).device
     local = _local_weight_names(block, linears)
     generator = torch.Generator().manual_seed(config.seed)
+    world = distributed.current()  # under torchrun: each rank draws its part of the batch from its own windows
     weights = {name: linear.weight.detach().float() for name, linear in linears.items()}
     group_sizes = {name: resolve_group_size(w.shape[1], config.group_size) for name, w in weights.items()}
     bases = gptq_bases(block, linears, weights, group_sizes, inputs, block_kwargs, config) \
@@ -202,12 +204,12 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
 
     @torch.no_grad()
     def full_loss() -> float:
-        """The mean squared block-output error on all windows, in batches."""
+        """The mean squared block-output error on all windows (every rank's), in batches."""
         substituted = quantized()
         total = 0.0
         for batch in torch.arange(len(inputs)).split(config.batch_size):
             total += loss_on(batch, substituted).item() * len(batch)
-        return total / len(inputs)
+        return distributed.mean(total / len(inputs), len(inputs), world)
 
     def snapshot() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
@@ -218,14 +220,15 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
             p.copy_(saved)
 
     start, best, best_loss = snapshot(), None, float("inf")
+    batch_size = distributed.share_of_batch(config.batch_size, len(inputs), world)
     order = torch.empty(0, dtype=torch.long)
     for step in range(config.iterations):
-        if len(order) < config.batch_size:  # a new pass over the windows, in a seeded random order
+        if len(order) < batch_size:  # a new pass over the windows, in a seeded random order
             order = torch.cat([order, torch.randperm(len(inputs), generator=generator)])
-        batch, order = order[:config.batch_size], order[config.batch_size:]
+        batch, order = order[:batch_size], order[batch_size:]
         substituted = quantized()
         loss = loss_on(batch, substituted)
-        trace.losses.append(loss.item())
+        trace.losses.append(distributed.mean(loss.item(), len(batch), world))  # every rank keeps the same best step
         if on_step is not None:
             on_step(step, trace.losses[-1], {name: substituted[local[name]].detach() for name in quantizers})
         if trace.losses[-1] < best_loss:
@@ -233,6 +236,7 @@ def train_signround_block(block: nn.Module, linears: dict[str, nn.Linear], input
         for p in params:
             p.grad = None
         loss.backward()
+        distributed.average_gradients(params, len(batch), world)
         lr = config.step_size * (1 - step / config.iterations)  # linear decay to 0
         with torch.no_grad():
             for p in params:
@@ -266,6 +270,7 @@ def gptq_bases(block: nn.Module, linears: dict[str, nn.Linear], weights: dict[st
 
     with record_grams(linears) as grams:
         run_block(block, inputs, block_kwargs)
+    distributed.sum_([accumulator.gram for accumulator in grams.values()], distributed.current())
     return {name: run_gptq(weights[name], grams[name].gram, config.bits, group_sizes[name], config.symmetric,
                            act_order=True, static_groups=True, clip=config.clip).updated
             for name in linears}
