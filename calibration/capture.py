@@ -1,4 +1,5 @@
-"""Activation capture: the first block's inputs, and per-linear input Gram matrices accumulated in float64."""
+"""Activation capture: the first block's inputs, and per-linear input Gram matrices accumulated in float64 (float32 for
+a layer too wide for float64, see compress.linalg.gram_dtypes)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -10,25 +11,28 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Statistics:
-    """What calibration measured at one linear's input: gram = sum x x^T (in, in), float64, and for SAES-SVD
-    cross = sum (x_fp - x) x^T, the full-precision stream's offset (None when not asked for)."""
+    """What calibration measured at one linear's input: gram = sum x x^T (in, in), float64 (or float32), and for
+    SAES-SVD cross = sum (x_fp - x) x^T, the full-precision stream's offset (None when not asked for)."""
 
     gram: torch.Tensor
     cross: torch.Tensor | None = None
 
 
 class GramAccumulator:
-    """Streaming float64 sums over the tokens seen: gram = sum x x^T (in, in), the token count, and with
-    `cross` also cross = sum (x_fp - x) x^T, the full-precision stream's offset (SAES-SVD's Delta).
+    """Streaming sums over the tokens seen, in `dtype` (float64; float32 halves a wide layer's Gram): gram = sum x x^T
+    (in, in), the token count, and with `cross` also cross = sum (x_fp - x) x^T, the full-precision stream's offset
+    (SAES-SVD's Delta).
 
     Each batch's product is computed in `product_dtype`: float64 where the smallest eigen-directions matter
-    (factorization, compensation); float32, about twice as fast, where damping drowns them anyway (GPTQ)."""
+    (factorization, compensation); float32, about twice as fast, where damping drowns them anyway (GPTQ), and
+    always for a float32 Gram, which then adds each batch's product in place (one GEMM into it, no temporary)."""
 
     def __init__(self, in_features: int, cross: bool = False, device: torch.device | str = "cpu",
-                 product_dtype: torch.dtype = torch.float64):
-        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+                 product_dtype: torch.dtype = torch.float64, dtype: torch.dtype = torch.float64):
+        self.gram = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.cross = torch.zeros_like(self.gram) if cross else None
-        self.count, self.product_dtype = 0, product_dtype
+        self.count = 0
+        self.product_dtype = torch.float32 if dtype == torch.float32 else product_dtype
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.gram.device, self.product_dtype)
@@ -38,7 +42,7 @@ class GramAccumulator:
         self.count += x.shape[0]
 
     def _add(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-        if self.product_dtype == torch.float64:
+        if self.product_dtype == total.dtype:
             total.addmm_(left, right)
         else:
             total += left @ right
@@ -94,7 +98,8 @@ def swapped(block: nn.Module, modules: dict[str, nn.Module]):
 def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, block_kwargs: dict,
                      fp_hidden: torch.Tensor | None = None, cross: bool = False, fp_outputs: bool = False,
                      originals: dict[str, nn.Module] | None = None, batch_size: int = 8,
-                     product_dtype: torch.dtype = torch.float64) -> tuple[dict[str, Statistics], torch.Tensor | None]:
+                     product_dtype: torch.dtype = torch.float64, gram_dtypes: dict[str, torch.dtype] | None = None
+                     ) -> tuple[dict[str, Statistics], torch.Tensor | None]:
     """Input statistics of groups of the block's linears (names inside the block), from running the block, batch by
     batch, on the compressed stream `hidden`. The linears of one group read the same tensor (q/k/v, gate/up): they
     share one Statistics, accumulated on the group's first linear.
@@ -103,12 +108,13 @@ def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: to
     layers of this block already compressed) put back in place: `cross` then adds each group's cross term against
     that stream, and `fp_outputs` returns the block's full-precision outputs (else None). A run stops once the
     last group's input is seen unless its output is needed. The streams may live elsewhere (CPU, half precision)
-    than the block: each batch visits the block's device. `product_dtype`: see GramAccumulator.
+    than the block: each batch visits the block's device. `product_dtype`: see GramAccumulator; `gram_dtypes`:
+    {a group's first linear: the dtype of its Gram} where not float64.
     """
     device = block_device(block)
     firsts = [group[0] for group in groups]
-    accumulators = {first: GramAccumulator(block.get_submodule(first).in_features, cross, device, product_dtype)
-                    for first in firsts}
+    accumulators = {first: GramAccumulator(block.get_submodule(first).in_features, cross, device, product_dtype,
+                                           (gram_dtypes or {}).get(first, torch.float64)) for first in firsts}
     fp_inputs: dict[str, torch.Tensor] = {}
     phase = {"fp": True}
 

@@ -21,7 +21,7 @@ from compress.methods import DEFAULT_METHODS, METHODS, config_type
 from compress.quantize import GridConfig, LearnedConfig
 from compress.quantize.gptq import GPTAQ, GPTQ
 from compress.quantize.signround import STARTS, SignRound
-from compress.recipe import Calibration, Recipe
+from compress.recipe import GRAM_DTYPE_CHOICES, Calibration, Recipe
 from compress.search import count_forms
 from kernels.grid import CLIPS
 
@@ -94,6 +94,9 @@ def compress_parser() -> argparse.ArgumentParser:
     group.add_argument("--bpw", type=float,
                        help="a size budget in bits per weight: each layer's bits, group size and compensation rank "
                             "are searched to meet it (compress/search.py); the quantizer defaults to gptaq")
+    group.add_argument("--gram-dtype", choices=GRAM_DTYPE_CHOICES,
+                       help="precision of the input statistics (default auto: float64 unless a capture step's Grams "
+                            "would take over half of the device's memory, then float32 for the widest)")
     group.add_argument("--calib", help="calibration text: datasets name, or local txt/jsonl/parquet file or folder")
     group.add_argument("--nsamples", type=int, help=f"calibration windows (default {Calibration.nsamples})")
     group.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model max positions))")
@@ -112,7 +115,8 @@ def compress_parser() -> argparse.ArgumentParser:
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
     flags = [flag for table in (*STAGE_FLAGS.values(), CALIBRATION_FLAGS) for flag in table]
-    given = [flag for flag in [*flags, *STAGE_FLAGS, "true_sequential", "bpw"] if getattr(args, flag) is not None]
+    given = [flag for flag in [*flags, *STAGE_FLAGS, "true_sequential", "bpw", "gram_dtype"]
+             if getattr(args, flag) is not None]
     if args.recipe:
         if given:
             flag = "no-true-sequential" if given[0] == "true_sequential" else given[0].replace("_", "-")
@@ -129,7 +133,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     calibration = Calibration(**{field: getattr(args, flag) for flag, field in CALIBRATION_FLAGS.items()
                                  if getattr(args, flag) is not None})
     return Recipe(**stages, calibration=calibration, true_sequential=args.true_sequential is not False,
-                  bpw=args.bpw)
+                  bpw=args.bpw, gram_dtype=args.gram_dtype or "auto")
 
 
 def stage_config(stage: str, args: argparse.Namespace):

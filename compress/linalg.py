@@ -1,13 +1,23 @@
-"""Linear algebra shared by the factorizations: damped Cholesky of a Gram matrix, whitened truncated SVD.
+"""Linear algebra shared by the factorizations: damped Cholesky of a Gram matrix, whitened truncated SVD, and the
+precision each Gram is kept in.
 
 An 8B model's down_proj reads 14336 channels: its float64 Gram, and every (n, n) matrix derived from it, is 1.5 GiB.
 The decompositions therefore work in place (`cholesky_`, `cholesky_inverse_`, `eigh_`): on the CPU through LAPACK
 (scipy), which overwrites its input, where torch.linalg would allocate the result beside it and, for eigh, a
-2 n^2 workspace too. Elsewhere (CUDA) they fall back to torch and copy the result back.
+2 n^2 workspace too. Elsewhere (CUDA) they fall back to torch and copy the result back. LAPACK runs with torch's
+thread count: scipy's OpenBLAS otherwise starts a thread per core, and beside any other busy process (torchrun's
+other ranks) its spinning threads make a factorization 10-100x slower.
+
+A 70B model's down_proj reads 28672 channels (6.1 GiB in float64), a 405B's 53248 (21 GiB): where a capture step's
+Grams would not fit, `gram_dtypes` keeps the widest in float32, and every function here then works in the Gram's
+own precision (float32 LAPACK, float32 eigenvectors) rather than in a float64 copy of it.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +42,48 @@ class LowRank:
         return self.up @ self.down
 
 
+GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def memory_bytes(device: torch.device | str) -> int:
+    """The memory one rank plans its Grams with: the device's total (a GPU's; the machine's, or its cgroup's limit
+    when lower, shared by torchrun's LOCAL_WORLD_SIZE ranks on it). The total, not what is free now, so that one
+    machine always chooses alike and writes the same files."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def gram_dtypes(widths: dict[str, int], per_gram: int, working: int, memory: int) -> dict[str, torch.dtype]:
+    """The dtype of each Gram of one capture step ({group: input width}): float64 unless the step would need more
+    than half of `memory`, then float32 for the widest, one at a time, until it fits (or all are float32).
+
+    The step needs its Grams, all alive until solved (`per_gram` matrices each: 2 with a cross term), and `working`
+    (n, n) copies of the widest in its dtype (GPTQ's inverse Hessian factor, EoRA's eigenvectors; 2 with a
+    factorization). Float32 halves a matrix: a 70B down_proj's Gram (28672 wide) is 6.1 GiB in float64."""
+    dtypes = {group: torch.float64 for group in widths}
+
+    def needed() -> int:
+        grams = sum(per_gram * width**2 * dtypes[group].itemsize for group, width in widths.items())
+        widest = max(widths, key=lambda group: widths[group] ** 2 * dtypes[group].itemsize)
+        return grams + working * widths[widest] ** 2 * dtypes[widest].itemsize
+
+    for group in sorted(widths, key=lambda group: (-widths[group], group)):
+        if needed() <= memory // 2:
+            break
+        dtypes[group] = torch.float32
+    return dtypes
+
+
 def nonfinite_count(tensor: torch.Tensor, rows: int = 1024) -> int:
     """How many entries are NaN or Inf, a block of rows at a time: torch.isfinite on a whole (n, n) float64 matrix
     holds temporaries larger than the matrix."""
@@ -39,18 +91,45 @@ def nonfinite_count(tensor: torch.Tensor, rows: int = 1024) -> int:
     return sum((~torch.isfinite(block)).sum().item() for block in flat.split(rows))
 
 
+PRECISIONS = (torch.float32, torch.float64)  # what a Gram, and the decompositions of it, are kept in
+
+
+def precision(matrix: torch.Tensor) -> torch.dtype:
+    """The precision that math on `matrix` runs in: its own when float32 or float64, else float64."""
+    return matrix.dtype if matrix.dtype in PRECISIONS else torch.float64
+
+
 def _lapack(matrix: torch.Tensor) -> np.ndarray | None:
-    """A Fortran-ordered numpy view of a contiguous float64 CPU tensor, or None where LAPACK cannot work in place.
+    """A Fortran-ordered numpy view of a contiguous float32/float64 CPU tensor, or None where LAPACK cannot work in
+    place.
 
     The view is the tensor's transpose: for a symmetric matrix the same matrix, and a factor that LAPACK writes
     into the view's lower (upper) triangle is the transpose of the one the tensor then holds in its upper (lower)."""
-    if matrix.device.type != "cpu" or matrix.dtype != torch.float64 or not matrix.is_contiguous():
+    if matrix.device.type != "cpu" or matrix.dtype not in PRECISIONS or not matrix.is_contiguous():
         return None
     return matrix.detach().numpy().T
 
 
+@contextmanager
+def lapack_threads():
+    """Within the context, scipy's BLAS/LAPACK runs on torch's thread count (threadpoolctl)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        yield
+
+
+def _lapack_call(name: str, view: np.ndarray, *args, **kwargs):
+    """LAPACK's `name` (potrf, potri) for the view's precision (s or d), on torch's thread count."""
+    import scipy.linalg  # here, not at the top: the CUDA path needs no scipy (the GPU machines may lack it)
+
+    (function,) = scipy.linalg.lapack.get_lapack_funcs((name,), (view,))
+    with lapack_threads():
+        return function(view, *args, **kwargs)
+
+
 def cholesky_(matrix: torch.Tensor, upper: bool = False) -> bool:
-    """Replace a symmetric positive definite float64 matrix by its Cholesky factor, in place: lower L with
+    """Replace a symmetric positive definite float32/float64 matrix by its Cholesky factor, in place: lower L with
     L L^T = matrix, or upper U with U^T U = matrix; only that triangle is read. False (the matrix then holds
     garbage) when it is not positive definite."""
     view = _lapack(matrix)
@@ -58,9 +137,7 @@ def cholesky_(matrix: torch.Tensor, upper: bool = False) -> bool:
         factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
         matrix.copy_(factor)
         return info.item() == 0
-    import scipy.linalg  # here, not at the top: the CUDA path needs no scipy (the GPU machines may lack it)
-
-    _, info = scipy.linalg.lapack.dpotrf(view, lower=upper, clean=1, overwrite_a=1)
+    _, info = _lapack_call("potrf", view, lower=upper, clean=1, overwrite_a=1)
     return info == 0
 
 
@@ -73,15 +150,14 @@ def cholesky_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
     if view is None:
         factor.copy_(torch.cholesky_inverse(factor, upper=upper))
         return
-    import scipy.linalg
-
-    _, info = scipy.linalg.lapack.dpotri(view, lower=upper, overwrite_c=1)
+    _, info = _lapack_call("potri", view, lower=upper, overwrite_c=1)
     if info != 0:
         raise torch.linalg.LinAlgError("cholesky_inverse_: the factor is singular")
 
 
 def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh of a symmetric float64 matrix with one (n, n) allocation, the eigenvectors: (eigenvalues ascending, Q).
+    """eigh of a symmetric float32/float64 matrix with one (n, n) allocation, the eigenvectors: (eigenvalues
+    ascending, Q).
 
     On the CPU, LAPACK's syevr (O(n) workspace) reads and destroys the upper triangle and diagonal of `matrix`,
     which are then restored from the intact lower triangle and a saved diagonal: exactly, if the matrix was
@@ -100,20 +176,42 @@ def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     import scipy.linalg
 
     diagonal = matrix.diagonal().clone()
-    eigenvalues, vectors = scipy.linalg.eigh(view, driver="evr", lower=True, overwrite_a=True, check_finite=False)
+    with lapack_threads():
+        eigenvalues, vectors = scipy.linalg.eigh(view, driver="evr", lower=True, overwrite_a=True, check_finite=False)
     symmetrize_(matrix).diagonal().copy_(diagonal)
     return torch.from_numpy(eigenvalues), torch.from_numpy(vectors)
 
 
+@contextmanager
+def equilibrated_(gram: torch.Tensor):
+    """Within the context a float32 Gram G is D^-1 G D^-1, in place, with D (n,) the powers of two nearest to the
+    square roots of its diagonal; yields D, and puts G back bit for bit on exit (scaling by powers of two is exact).
+
+    Channels whose scales span decades leave G's small eigen-directions below float32's rounding; scaled, every
+    channel has unit energy and they survive. A problem min ||(T - M) X|| becomes min ||(T D - M') D^-1 X|| with
+    M = M' D^-1: callers solve it for T D against the scaled Gram and divide their `down` by D. A float64 Gram is
+    left as it is (D = 1), so that float64 results do not move."""
+    scale = torch.ones(len(gram), dtype=gram.dtype, device=gram.device)
+    if gram.dtype == torch.float32:
+        diagonal = gram.diagonal()
+        scale = torch.where(diagonal > 0, torch.exp2(torch.round(torch.log2(diagonal.clamp(min=1e-30)) / 2)), 1)
+        gram.div_(scale[:, None]).div_(scale[None, :])
+    try:
+        yield scale
+    finally:
+        if gram.dtype == torch.float32:
+            gram.mul_(scale[:, None]).mul_(scale[None, :])
+
+
 def damped_cholesky(gram: torch.Tensor, max_tries: int = 10, ridge: float = 0.0) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor L of gram + damp*I (float64), L @ L.T = gram + damp*I, and the damp used.
+    """Lower Cholesky factor L of gram + damp*I (in the Gram's precision), L @ L.T = gram + damp*I, and the damp used.
 
     Tries `ridge` times the mean diagonal first (0: no damping), then 1e-8, 1e-7, ... times it (each at least the
     ridge); dead input channels
     (zero diagonal) get the mean diagonal so that they cannot make the factor singular. Besides the Gram, one
     (n, n) matrix is alive: the working copy that becomes the factor.
     """
-    gram = gram.double()
+    gram = gram.to(precision(gram))
     diag = gram.diagonal()
     mean_diag = diag.mean().clamp(min=1e-12).item()
     undamped = torch.where(diag <= 0, mean_diag, diag)
@@ -160,7 +258,7 @@ def balanced_factors(U: torch.Tensor, S: torch.Tensor, projected: torch.Tensor) 
     Singular values at the rounding level of the eigh (below S_0 sqrt(m eps)) are zero: their directions get zero
     factors rather than a division by almost nothing.
     """
-    kept = S > S[:1] * (len(U) * torch.finfo(torch.float64).eps) ** 0.5
+    kept = S > S[:1] * (len(U) * torch.finfo(U.dtype).eps) ** 0.5
     sqrt_s = torch.where(kept, S, 1).sqrt()
     return U * torch.where(kept, sqrt_s, 0), projected * torch.where(kept, 1 / sqrt_s, 0)[:, None]
 
@@ -173,26 +271,27 @@ def whitened_lowrank(target: torch.Tensor, whitened: torch.Tensor, rank: int) ->
     the input Gram this minimises the layer output error ||(target - M) X||_F (SVD-LLM).
     """
     U, S = top_left_singular(whitened, rank)
-    up, down = balanced_factors(U, S, U.T @ target.double())
+    up, down = balanced_factors(U, S, U.T @ target.to(U.dtype))
     return LowRank(up=up.to(target.dtype), down=down.to(target.dtype))
 
 
 def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(root = Q Lambda^(1/2) (n, n), inverse_lambda (n,)) float64, from eigh(gram) = Q Lambda Q^T.
+    """(root = Q Lambda^(1/2) (n, n), inverse_lambda (n,)) in the Gram's precision, from eigh(gram) = Q Lambda Q^T.
 
     root @ root.T = gram, and (inverse_lambda[:, None] * root.T) = Lambda^(-1/2) Q^T is root's pseudo-inverse:
     callers apply it as that product, so that only one (n, n) matrix besides the Gram is ever held (see `eigh_`).
-    A truncated pseudo-inverse: eigenvalues <= lambda_max * n * eps_fp64 (the accuracy of a float64 eigh), negative
-    ones included, count as zero, and both their square root and inverse are set to 0. (GPTQModel's EoRA cuts at
-    float32's eps, which drops real directions of a wide, ill-conditioned layer.)
+    A truncated pseudo-inverse: eigenvalues <= lambda_max * n * eps (the accuracy of an eigh in the Gram's precision:
+    float64's, or float32's for a Gram kept in float32), negative ones included, count as zero, and both their square
+    root and inverse are set to 0. (GPTQModel's EoRA cuts a float64 eigh at float32's eps, which drops real
+    directions of a wide, ill-conditioned layer.)
     """
     if nonfinite_count(gram):
         raise ValueError("eigen_root: the Gram matrix has non-finite entries "
                          "(NaN or inf in the calibration statistics)")
-    eigenvalues, root = eigh_(gram.double())
+    eigenvalues, root = eigh_(gram.to(precision(gram)))
     if not torch.isfinite(eigenvalues).all():
         raise ValueError("eigh of the Gram matrix returned non-finite eigenvalues")
-    threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(torch.float64).eps
+    threshold = eigenvalues.max().clamp(min=0) * len(gram) * torch.finfo(root.dtype).eps
     kept = eigenvalues > threshold
     sqrt_lambda, inverse_lambda = torch.zeros_like(eigenvalues), torch.zeros_like(eigenvalues)
     sqrt_lambda[kept] = eigenvalues[kept].sqrt()

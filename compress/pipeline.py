@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration import group_statistics, load_text, run_block, sample_windows
+from calibration.capture import block_device
 from calibration.data import CalibrationError
 from compress.architectures import Architecture, architecture
 from compress.blocks import InMemoryBlocks, StreamedBlocks
@@ -20,7 +21,7 @@ from compress import distributed
 from compress.errors import CompressError
 from compress.layer import CompressedLinear
 from compress.factorize.saes_svd import SAES
-from compress.linalg import nonfinite_count
+from compress.linalg import GRAM_DTYPES, gram_dtypes, memory_bytes, nonfinite_count
 from compress.models import DEMO_DIR, load_model, resolve_model
 from compress.quantize import LearnedConfig
 from compress.quantize.gptq import GPTAQ
@@ -85,6 +86,9 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     cross = isinstance(recipe.factorize, SAES) or isinstance(recipe.quantize, GPTAQ)  # both streams' statistics
     compensated = recipe.compensate or any(form.rank for form in forms.values())  # low-rank parts: float64 Grams
     product_dtype = torch.float64 if recipe.factorize or compensated else torch.float32
+    # the same memory on every rank (the least), so that the ranks choose the same Gram dtypes
+    memory = distributed.least(memory_bytes(getattr(source, "device", None) or next(model.parameters()).device), world)
+    working = 2 if recipe.factorize or compensated else 1  # (n, n) copies beside the Grams while a layer is solved
     state = source.start(model, arch, distributed.shard(input_ids, world), recipe)
     hidden, fp_hidden, block_kwargs = state.hidden, state.fp_hidden, state.block_kwargs
     check_finite(hidden, "the calibration inputs of the first block")
@@ -100,15 +104,17 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         # LoRAP narrows the MLP first; `originals` hold what the full-precision stream runs through
         kept, originals = prune_mlp(block, arch, hidden, block_kwargs, 1 - recipe.factorize.rank_budget, world) \
             if plan.prune else (None, {})
-        layers, fp_next = {}, None
+        layers, fp_next, device = {}, None, block_device(block)
         for step, groups in enumerate(capture_steps(arch, targets[index], prefix, recipe.true_sequential)):
             # the first capture runs the block as it came (its full-precision outputs); later ones see earlier
             # groups compressed, and for SAES's cross term run the full-precision stream with `originals` back
+            dtypes = step_gram_dtypes(recipe.gram_dtype, block, groups, 2 if cross else 1, working, memory)
             statistics, fp_out = group_statistics(block, groups, hidden, block_kwargs, fp_hidden if step == 0 or cross
                                                   else None, cross, fp_outputs=step == 0, originals=originals,
-                                                  product_dtype=product_dtype)
+                                                  product_dtype=product_dtype, gram_dtypes=dtypes)
             shared = {id(t): t for found in statistics.values() for t in (found.gram, found.cross) if t is not None}
             distributed.sum_(list(shared.values()), world)  # once each: the linears of a group share one Gram
+            del shared  # each Gram is freed once its group's layers are solved
             if step == 0:
                 fp_next = fp_out
                 given = bases or (learner.learn(blocks, targets, index, hidden, fp_out, block_kwargs, arch.blocks)
@@ -119,8 +125,15 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 rank, factorize, quantize, compensate = \
                     form_configs(forms[name], recipe.quantize, recipe.compensate) if forms else \
                     (plan.ranks.get(name), recipe.factorize, recipe.quantize, recipe.compensate)
-                layer, record = compress_linear(name, block.get_submodule(local), statistics.pop(local), rank,
+                found = statistics.pop(local)
+                layer, record = compress_linear(name, block.get_submodule(local), found, rank,
                                                 factorize, quantize, compensate, given.get(name), kernel)
+                if found.gram.dtype == torch.float32:
+                    record.details["gram_dtype"] = "float32"
+                    record.notes.append(f"{name}: input statistics kept in float32 ({len(found.gram)} wide, "
+                                        f"--gram-dtype {recipe.gram_dtype})")
+                if world.size == 1 and not cross:  # in place at once: the original's weight is freed before the next
+                    block.set_submodule(local, layer)  # solve (a 70B down_proj's is 0.5 GiB in bf16)
                 return (layer.cpu() if world.size > 1 else layer), record  # broadcast from the CPU: any rank's device
 
             locals_ = [local for group in groups for local in group]
@@ -128,7 +141,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                                        world)
             for local, (layer, record) in zip(locals_, solved):
                 name, linear = f"{prefix}.{local}", block.get_submodule(local)
-                layer = layer.to(linear.weight.device)
+                layer = layer.to(device)
                 if forms:
                     record.details["form"] = forms[name].label
                 record.channels_kept = kept if local in arch.mlp and plan.prune else None
@@ -174,6 +187,16 @@ def layer_forms(recipe: Recipe, targets: list[list[str]]) -> dict[str, Form]:
         raise CompressError(f"recipe.forms does not match the layers to compress: no form for {missing[:2] or 'none'},"
                             f" forms for layers not compressed {unknown[:2] or 'none'}")
     return {name: Form.from_dict(recipe.forms[name]) for name in names}
+
+
+def step_gram_dtypes(choice: str, block: nn.Module, groups: list[tuple[str, ...]], per_gram: int, working: int,
+                     memory: int) -> dict[str, torch.dtype]:
+    """{each group's first linear: the dtype of its Gram} for one capture step: the recipe's gram_dtype, or with
+    "auto" what compress.linalg.gram_dtypes chooses for the step's widths within `memory`."""
+    widths = {group[0]: block.get_submodule(group[0]).in_features for group in groups}
+    if choice != "auto":
+        return {first: GRAM_DTYPES[choice] for first in widths}
+    return gram_dtypes(widths, per_gram, working, memory)
 
 
 def capture_steps(arch: Architecture, names: list[str], prefix: str, true_sequential: bool) -> list[list[tuple]]:

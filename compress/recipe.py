@@ -43,6 +43,9 @@ class Calibration:
             raise CompressError(f"seqlen must be >= 2, got {self.seqlen}")
 
 
+GRAM_DTYPE_CHOICES = ("auto", "float64", "float32")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Stages run in this order on every targeted linear: factorize, then quantize (the factors, if any),
@@ -56,6 +59,9 @@ class Recipe:
     bpw: a size budget in bits per weight over the targeted linears: each layer's form (bits, group size,
     compensation rank) is searched (compress.search), the quantize and compensate stages giving the methods.
     forms: {layer name: {bits, group_size, rank}}, the forms a search chose; a recipe holding them replays them.
+    gram_dtype: the precision of the input statistics: "float64", "float32", or "auto" (float64 unless a capture
+    step's Grams would take more than half of the device's memory; then the widest are float32, see
+    compress.linalg.gram_dtypes, and the report names them).
     """
 
     factorize: FactorizeConfig | None = None
@@ -67,8 +73,11 @@ class Recipe:
     true_sequential: bool = True
     bpw: float | None = None
     forms: dict[str, dict] = field(default_factory=dict)
+    gram_dtype: str = "auto"
 
     def __post_init__(self):
+        if self.gram_dtype not in GRAM_DTYPE_CHOICES:
+            raise CompressError(f"gram_dtype must be one of {', '.join(GRAM_DTYPE_CHOICES)}, got {self.gram_dtype!r}")
         for stage, kind in STAGE_TYPES.items():
             config = getattr(self, stage)
             if config is not None and not isinstance(config, kind):

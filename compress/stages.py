@@ -16,7 +16,7 @@ from compress.compensate import CompensateConfig
 from compress.errors import CompressError
 from compress.factorize import FactorizeConfig
 from compress.layer import CompressedLinear
-from compress.linalg import nonfinite_count, output_error
+from compress.linalg import nonfinite_count, output_error, precision
 from compress.methods import run
 from compress.prune import channel_scores, channels_to_keep, prune_mlp_weights
 from compress.quantize import GridConfig, LearnedConfig
@@ -183,11 +183,11 @@ def compensation(weight: torch.Tensor, base: torch.Tensor | QuantizedWeight, sta
 def refit_up(target: torch.Tensor, down: QuantizedWeight, gram: torch.Tensor) -> torch.Tensor:
     """The `up` (out, rank) minimising ||(target - up down) X||_F for a fixed (quantized) `down`: the normal equations
     up (down G down^T) = target G down^T, with a ridge of 1e-10 of the mean diagonal against rank-deficient inputs."""
-    down = down.dequantize(torch.float64)
-    projected = down @ gram.double()  # (rank, in)
-    normal = projected @ down.T
+    down = down.dequantize(precision(gram))
+    projected = down @ gram.to(down.dtype)  # (rank, in), in the Gram's precision: no float64 copy of a float32 Gram
+    normal = (projected @ down.T).double()
     normal.diagonal().add_(1e-10 * normal.diagonal().mean().clamp(min=1e-30))
-    rhs = target.double() @ projected.T  # (out, rank)
+    rhs = (target.to(projected.dtype) @ projected.T).double()  # (out, rank)
     return torch.linalg.solve(normal, rhs.T).T.float()
 
 
@@ -195,8 +195,8 @@ def factor_gram(down: QuantizedWeight, gram: torch.Tensor, config: GridConfig) -
     """The Gram of `up`'s input `down @ x`: down G down^T (down as quantized); None for RTN, which reads no Gram."""
     if not isinstance(config, GPTQ):
         return None
-    down = down.dequantize(torch.float64)
-    return down @ gram.double() @ down.T
+    down = down.dequantize(precision(gram))
+    return down @ gram.to(down.dtype) @ down.T
 
 
 def prune_mlp(block: nn.Module, arch: Architecture, hidden: torch.Tensor, block_kwargs: dict, fraction: float,

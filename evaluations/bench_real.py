@@ -16,7 +16,8 @@ Recipe names: `METHOD-wBITS-gGROUP[-OPTION...]`, METHOD one of the project's qua
 signround); options: `minmax` (no clip search), `noact` (no act-order, dynamic groups), `sym`, `a1` (GPTAQ's alpha
 1), `eoraR` / `lorcR` (compensation of rank R, 4-bit factors), `fp16f` (compensation factors kept in fp16), `itN`
 (learned quantizers: N iterations), `fromgptq` (SignRound started from GPTQ's result), `bpwB` (a searched mix of
-forms per layer at B bits per weight, compress/search.py: `gptaq-bpw3.25`). Peers:
+forms per layer at B bits per weight, compress/search.py: `gptaq-bpw3.25`), `f32` (every Gram kept in float32,
+`--gram-dtype float32`). Peers:
 `llmcompressor-gptq-wB-gG`, `autoround-wB-gG` (`-light`: its light recipe, 50 iterations at lr 5e-3),
 `hqq-wB-gG`.
 
@@ -70,7 +71,7 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
     method, *options = name.split("-")
     if method not in QUANTIZERS:
         raise CompressError(f"unknown recipe {name!r}: methods {', '.join(QUANTIZERS)}")
-    fields, compensate, factor_bits, bpw = {}, None, 4, None
+    fields, compensate, factor_bits, bpw, gram_dtype = {}, None, 4, None, "auto"
     for option in options:
         if option[0] == "w" and option[1:].isdigit():
             fields["bits"] = int(option[1:])
@@ -92,6 +93,8 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
             fields["start"] = "gptq"
         elif option == "fp16f":
             factor_bits = None
+        elif option == "f32":
+            gram_dtype = "float32"
         elif option.startswith("bpw"):
             try:
                 bpw = float(option[3:])
@@ -105,7 +108,7 @@ def parse_recipe(name: str, calibration: Calibration) -> Recipe:
     except TypeError as exc:
         raise CompressError(f"recipe {name!r}: {exc}") from None
     compensation = compensate[0](rank=compensate[1], factor_bits=factor_bits) if compensate else None
-    return Recipe(quantize=quantize, compensate=compensation, calibration=calibration, bpw=bpw)
+    return Recipe(quantize=quantize, compensate=compensation, calibration=calibration, bpw=bpw, gram_dtype=gram_dtype)
 
 
 def is_peer(name: str) -> bool:

@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from compress.linalg import cholesky_, cholesky_inverse_, eigh_, symmetrize_, top_left_singular
+from calibration import Statistics
+from compress.factorize.eora import eigenspace_lowrank
+from compress.factorize.svd_llm import SVDLLM, factorize_svd_llm
+from compress.linalg import (cholesky_, cholesky_inverse_, eigh_, gram_dtypes, lapack_threads, output_error,
+                             symmetrize_, top_left_singular)
 from compress.quantize.gptq import inverse_hessian_factor
 from kernels.grid import pack, pack_bitstream
 from tests.factorize.test_svd_llm import correlated_inputs
@@ -13,7 +17,7 @@ def gram(n: int = 40, seed: int = 0) -> torch.Tensor:
     return x.T @ x
 
 
-# float64 contiguous CPU tensors go through LAPACK in place; a float32 one takes torch's (copying) path
+# float64 and float32 contiguous CPU tensors go through LAPACK in place (d- and s-routines)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("upper", [False, True])
 def test_cholesky_in_place(dtype, upper):
@@ -105,3 +109,55 @@ def test_eigh_refuses_a_non_finite_matrix_instead_of_recursing():
     matrix[3, 1] = float("nan")  # in the lower triangle: symmetrizing cannot make it equal its transpose
     with pytest.raises(ValueError, match="non-finite"):
         eigh_(matrix)
+
+
+GIB = 2**30
+
+
+def test_gram_dtypes_keep_float64_while_the_step_fits_and_turn_the_widest_to_float32_first():
+    eight_b = {"self_attn.q_proj": 4096, "self_attn.o_proj": 4096, "mlp.gate_proj": 4096, "mlp.down_proj": 14336}
+    assert set(gram_dtypes(eight_b, 1, 2, 23 * GIB).values()) == {torch.float64}  # 3.4 + 3.1 GiB of 11.5
+    seventy_b = {"self_attn.q_proj": 8192, "self_attn.o_proj": 8192, "mlp.gate_proj": 8192, "mlp.down_proj": 28672}
+    chosen = gram_dtypes(seventy_b, 1, 2, 23 * GIB)  # down_proj: 6.1 GiB in float64, and two working copies
+    assert chosen["mlp.down_proj"] == torch.float32
+    assert [chosen[k] for k in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj")] == [torch.float64] * 3
+    # 4 x 0.5 GiB Grams + one working copy fit 4 GiB exactly; a byte less and the widest (then the first) goes
+    four = {"a": 8192, "b": 8192, "c": 8192, "d": 8192}
+    assert set(gram_dtypes(four, 1, 1, 5 * GIB).values()) == {torch.float64}
+    assert list(gram_dtypes(four, 1, 1, 5 * GIB - 2).values()) == [torch.float32] + [torch.float64] * 3
+    assert set(gram_dtypes(four, 2, 1, GIB).values()) == {torch.float32}  # nothing fits: all float32
+
+
+def test_scipy_lapack_runs_with_torchs_thread_count():
+    from threadpoolctl import threadpool_info
+
+    import scipy.linalg  # noqa: F401 - loads scipy's BLAS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with lapack_threads():
+            blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and all(pool["num_threads"] == 1 for pool in blas)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+def test_float32_statistics_give_factors_as_good_as_float64s_over_six_decades_of_channel_scales(rank):
+    # input channels whose scales span 1e-3 to 1e3: the Gram's eigenvalues span twelve decades, beyond float32's
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-3, 3, 256, dtype=torch.float64)
+    x = torch.randn(2048, 256, dtype=torch.float64, generator=generator) * scales
+    gram, weight = x.T @ x, torch.randn(128, 256, generator=generator)
+    for factorize in (eigenspace_lowrank, svd_llm):
+        errors = []
+        for dtype in (torch.float64, torch.float32):
+            statistics = gram.to(dtype)
+            kept = statistics.clone()
+            errors.append(output_error(weight, factorize(weight, statistics, rank).weight(), gram))
+            assert torch.equal(statistics, kept)  # the equilibration is undone bit for bit
+        assert errors[0] < 0.4 and abs(errors[1] / errors[0] - 1) < 1e-5
+
+
+def svd_llm(weight: torch.Tensor, gram: torch.Tensor, rank: int):
+    return factorize_svd_llm(weight, Statistics(gram), rank, SVDLLM()).lowrank

@@ -361,3 +361,27 @@ def test_a_block_with_no_targeted_layer_passes_both_streams_through(tiny_model_d
     assert all(name.startswith("model.layers.0.") for name in result.report["layers"])
     first, second = result.report["block_output_error"]
     assert 0 < first and 0 < second < float("inf")
+
+
+def test_float32_statistics_are_reported_and_compress_as_well_as_float64(demo_ids):
+    reports, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in ("float64", "float32"):
+            model, _, _ = load_model("demo")
+            model.model.layers = model.model.layers[:2]
+            recipe = Recipe(quantize=GPTQ(bits=3, group_size=32), compensate=EoRA(rank=8), gram_dtype=dtype)
+            reports[dtype] = compress_model(model, recipe, calib=demo_ids, progress=False).report
+    finally:
+        torch.set_num_threads(threads)
+    assert all(entry["gram_dtype"] == "float32" for entry in reports["float32"]["layers"].values())
+    assert not any("gram_dtype" in entry for entry in reports["float64"]["layers"].values())
+    assert sum("input statistics kept in float32" in note for note in reports["float32"]["notes"]) == 14
+    errors = {dtype: sum(entry["relative_error"] for entry in report["layers"].values())
+              for dtype, report in reports.items()}
+    assert abs(errors["float32"] / errors["float64"] - 1) < 0.01, errors
+
+
+def test_auto_keeps_float64_where_the_grams_fit(tiny_model_dir):
+    report = run(tiny_model_dir, quantize=GPTQ(bits=4, group_size=32)).report
+    assert not any("gram_dtype" in entry for entry in report["layers"].values())

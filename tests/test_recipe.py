@@ -14,7 +14,8 @@ from compress.recipe import Calibration, Recipe
 
 def full_recipe() -> Recipe:
     return Recipe(factorize=SVD(rank_budget=0.6), quantize=GPTQ(bits=3, group_size=64, symmetric=True, act_order=True),
-                  calibration=Calibration(source="x.txt", nsamples=7, seqlen=32, seed=3), exclude=("mlp",))
+                  calibration=Calibration(source="x.txt", nsamples=7, seqlen=32, seed=3), exclude=("mlp",),
+                  gram_dtype="float32")
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -117,6 +118,7 @@ def test_old_saes_recipe_keeps_its_beta_range():
     (lambda: Recipe(), "nothing to do"),
     (lambda: Recipe(quantize=SVD()), "recipe.quantize must be a quantize method's config"),
     (lambda: Recipe(factorize=SVD(), quantize=CBQ()), "cbq learns the quantized weights of whole blocks"),
+    (lambda: Recipe(quantize=GPTQ(), gram_dtype="float16"), "gram_dtype must be one of auto, float64, float32"),
 ])
 def test_invalid_settings_are_refused(make, message):
     with pytest.raises(CompressError, match=message):

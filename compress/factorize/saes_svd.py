@@ -56,8 +56,8 @@ def saes_lowrank(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, 
     """CEALC's closed form, with the beta used and the damping. beta=None chooses beta with ACES in
     [beta_min, beta_max]; a given beta is used as it is."""
     root, damp = damped_cholesky(gram, ridge=ridge)
-    S = weight.double() @ root  # W (H + damp I) C^(-T) = W C
-    D = torch.linalg.solve_triangular(root.T, weight.double() @ cross.double(),
+    S = weight.to(root.dtype) @ root  # W (H + damp I) C^(-T) = W C
+    D = torch.linalg.solve_triangular(root.T, weight.to(root.dtype) @ cross.to(root.dtype),
                                       upper=True, left=False)  # W Delta C^(-T)
     if beta is None:
         beta = aces_beta(S, D, rank, beta_max, beta_min)

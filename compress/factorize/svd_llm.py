@@ -12,7 +12,7 @@ import torch
 
 from calibration import Statistics
 from compress.factorize import Factorization, FactorizeConfig
-from compress.linalg import damped_cholesky, whitened_lowrank
+from compress.linalg import LowRank, damped_cholesky, equilibrated_, whitened_lowrank
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,10 @@ class SVDLLM(FactorizeConfig):
 
 def factorize_svd_llm(weight: torch.Tensor, statistics: Statistics, rank: int, config: SVDLLM) -> Factorization:
     """weight (out, in), statistics.gram (in, in) -> Factorization (with the damping the Cholesky factor needed)."""
-    root, damp = damped_cholesky(statistics.gram)
-    whitened = weight.double() @ root
-    del root  # an (in, in) float64 matrix: 1.5 GiB for an 8B down_proj, not needed for the SVD
-    return Factorization(whitened_lowrank(weight, whitened, rank), damp=damp)
+    with equilibrated_(statistics.gram) as scale:  # a float32 Gram's channels brought to one scale (D = 1 for float64)
+        root, damp = damped_cholesky(statistics.gram)
+    scaled = weight.to(root.dtype) * scale
+    whitened = scaled @ root
+    del root  # an (in, in) matrix: 1.5 GiB for an 8B down_proj in float64, not needed for the SVD
+    lowrank = whitened_lowrank(scaled, whitened, rank)  # of T D: its `down` divided by D is T's
+    return Factorization(LowRank(lowrank.up.to(weight.dtype), (lowrank.down / scale).to(weight.dtype)), damp=damp)

@@ -3,7 +3,8 @@ rounding error onto the columns not yet quantized through the inverse Hessian (O
 
 Minimises the layer objective ||(W - Q) X||_F^2 = tr((W - Q) H (W - Q)^T), H = gram = sum x x^T, on
 the shared min-max grid of kernels.grid. The algorithm is the reference's `fasterquant`
-(IST-DASLab/gptq gptq.py), with the Hessian math in float64 and the column loop in float32 as there:
+(IST-DASLab/gptq gptq.py), with the Hessian math in float64 (float32 where the Gram was kept in float32, see
+compress.linalg.gram_dtypes) and the column loop in float32 as there:
 
   1. dead inputs (H_jj == 0): H_jj = 1 and W[:, j] = 0;
   2. act-order: process columns in order of decreasing H_jj (perm = argsort(diag H, descending));
@@ -35,7 +36,7 @@ import torch
 
 import kernels
 from compress.errors import CompressError
-from compress.linalg import cholesky_, cholesky_inverse_, nonfinite_count
+from compress.linalg import cholesky_, cholesky_inverse_, nonfinite_count, precision
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
 
@@ -93,10 +94,11 @@ class GPTQInfo:
 class GPTQResult:
     """GPTQ's output unpacked, in the original column order.
 
-    ints: (out, in) int32 in [0, 2**bits); scales: (out, groups) float32 (fp16-representable);
+    ints: (out, in) uint8 in [0, 2**bits); scales: (out, groups) float32 (fp16-representable);
     zeros: (out, groups) int32; g_idx: (in,) int64 group of each column; dequantized: (out, in) float32,
-    the Q the loop used, equal to scales[:, g_idx] * (ints - zeros[:, g_idx]); updated: (out, in) float32, each
-    column as the loop rounded it (W with the earlier columns' errors pushed on; ints is its rounding).
+    the Q the loop used, equal to scales[:, g_idx] * (ints - zeros[:, g_idx]); updated (only when asked for):
+    (out, in) float32, each column as the loop rounded it (W with the earlier columns' errors pushed on; ints is its
+    rounding).
     """
 
     ints: torch.Tensor
@@ -130,9 +132,9 @@ def working_hessian(gram: torch.Tensor, perm: torch.Tensor | None, dead: torch.T
 
 
 def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float, bool]:
-    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), float64 (n, n).
+    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), (n, n) in H's working precision.
 
-    hessian() builds a fresh float64 working copy of H, which is damped and turned into U in place (Cholesky,
+    hessian() builds a fresh working copy of H, which is damped and turned into U in place (Cholesky,
     inverse, Cholesky), so that besides the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has
     n = 14336, 1.5 GiB each. When a factorisation fails, damp is raised x10 (to at most MAX_DAMP) on a new copy;
     returns (U, damp used, raised).
@@ -158,12 +160,14 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
 def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
              act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
              block_size: int = 128, clip: str = "minmax", cross: torch.Tensor | None = None,
-             alpha: float = 1.0) -> GPTQResult:
+             alpha: float = 1.0, keep_updated: bool = False) -> GPTQResult:
     """GPTQ of weight (out, in) against gram (in, in) = sum x x^T; `group_size` must divide `in`.
 
     cross (in, in) = sum (x_fp - x) x^T: GPTAQ's asymmetric objective ||W X_fp - Q X||^2, solved as GPTQ on the
     least-squares target W* = W + alpha W cross (H + lambda I)^-1 (alpha 1: exactly that objective up to a constant).
-    Returns the unpacked result in the original column order; `quantize_gptq` packs it.
+    Returns the unpacked result in the original column order; `quantize_gptq` packs it. Besides the Gram, the inverse
+    Hessian factor and W (which takes Q's values as the loop passes), it holds the uint8 ints: a 405B down_proj's
+    float32 W is 3.25 GiB, and every (out, in) array spared counts.
     """
     rows, cols = weight.shape
     if gram.shape != (cols, cols):
@@ -176,7 +180,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         raise ValueError(f"GPTQ: damp must be >= 0 and block_size > 0, got damp={damp}, block_size={block_size}")
     if nonfinite_count(gram):
         raise ValueError("GPTQ: the gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
-    W = weight.to(torch.float64, copy=True)
+    W = weight.to(precision(gram), copy=True)  # float64, or float32 where the Gram was kept in float32
 
     perm, dead = column_order(gram, act_order, W.device)
     W[:, dead] = 0
@@ -186,7 +190,7 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         W, dead = W[:, perm], dead[perm]
 
     Hinv, damp_used, damp_raised = inverse_hessian_factor(
-        lambda: working_hessian(gram, perm, dead, torch.float64, W.device), damp)
+        lambda: working_hessian(gram, perm, dead, W.dtype, W.device), damp)
     if cross is not None and alpha:
         W += alpha * asymmetric_shift(W, cross.to(W.device), perm, dead, Hinv)
     W, Hinv = W.float(), Hinv.float()
@@ -196,16 +200,14 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     if not act_order:
         perm = torch.arange(cols, device=W.device)
 
-    # dequantized (grid values: exact), processing order
-    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)
-    ints = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # processing order
+    ints = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)  # processing order; at most 8 bits
     if static_groups:
         scales, zeros = static_scales, static_zeros
     else:
         scales = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
         zeros = torch.zeros(rows, groups, dtype=torch.int32, device=W.device)
     losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
-    updated = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # processing order
+    updated = torch.zeros(rows, cols, dtype=torch.float32, device=W.device) if keep_updated else None
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -218,16 +220,22 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
                 scales[:, group:group + 1], zeros[:, group:group + 1] = find_params(
                     W[:, start:start + group_size], bits, group_size, symmetric, clip)
             column_groups = torch.arange(i1, i2, device=W.device) // group_size
-        ints[:, i1:i2], Q[:, i1:i2], Err1, block_losses = kernels.gptq_block(
+        block_ints, block_q, Err1, block_losses = kernels.gptq_block(
             W[:, i1:i2], Hinv[i1:i2, i1:i2], scales[:, column_groups], zeros[:, column_groups], bits)
+        ints[:, i1:i2] = block_ints
         losses += block_losses
-        updated[:, i1:i2] = Q[:, i1:i2] + Err1 * Hinv[i1:i2, i1:i2].diagonal()  # err = (w - q) / Hinv_ii
+        if updated is not None:
+            updated[:, i1:i2] = block_q + Err1 * Hinv[i1:i2, i1:i2].diagonal()  # err = (w - q) / Hinv_ii
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (out, in) temporary
+        W[:, i1:i2] = block_q  # these columns are done: W holds their grid values (Q) from here on
+    del Hinv
 
     g_idx = torch.arange(cols, device=W.device) // group_size
+    Q, W = W, None  # W's storage is Q's now
     if act_order:
         invperm = torch.argsort(perm)
-        ints, Q, updated = ints[:, invperm], Q[:, invperm], updated[:, invperm]
+        ints, Q = ints[:, invperm], Q[:, invperm]
+        updated = None if updated is None else updated[:, invperm]
         if not static_groups:
             g_idx = invperm // group_size  # original column j was processed at position invperm[j]
     info = GPTQInfo(damp=damp_used, damp_raised=damp_raised, loss=losses.sum().item(),
@@ -239,7 +247,7 @@ def asymmetric_shift(W: torch.Tensor, cross: torch.Tensor, perm: torch.Tensor | 
                      Hinv: torch.Tensor) -> torch.Tensor:
     """W cross (H + lambda I)^-1 in GPTQ's working order: W (out, in) permuted, cross (in, in) in the original order,
     Hinv the upper Cholesky factor U of the permuted (H + lambda I)^-1 = U^T U. Dead inputs carry no shift."""
-    cross = cross.to(torch.float64)
+    cross = cross.to(W.dtype)
     if perm is not None:
         cross = cross[perm[:, None], perm]
     cross = cross.masked_fill(dead[None, :], 0)

@@ -272,7 +272,7 @@ def gptq_bases(block: nn.Module, linears: dict[str, nn.Linear], weights: dict[st
         run_block(block, inputs, block_kwargs)
     distributed.sum_([accumulator.gram for accumulator in grams.values()], distributed.current())
     return {name: run_gptq(weights[name], grams[name].gram, config.bits, group_sizes[name], config.symmetric,
-                           act_order=True, static_groups=True, clip=config.clip).updated
+                           act_order=True, static_groups=True, clip=config.clip, keep_updated=True).updated
             for name in linears}
 
 

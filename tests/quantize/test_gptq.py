@@ -55,19 +55,22 @@ def test_packed_weight_is_exactly_what_the_loop_used(act_order, symmetric, bits)
     weight, gram = problem(rows=16, cols=96)
     # block_size 40 and group_size 32 do not align: groups straddle blocks.
     kwargs = dict(act_order=act_order, static_groups=act_order, clip="mse" if act_order else "minmax")
-    result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs, block_size=40)
+    result = run_gptq(weight, gram, bits, 32, symmetric, **kwargs, block_size=40, keep_updated=True)
     info = result.info
     assert isinstance(info, GPTQInfo)
     # `updated` is what the loop rounded: each column on its grid gives the ints, and it is not the weight itself
     column_scales, column_zeros = result.scales[:, result.g_idx], result.zeros[:, result.g_idx]
     rounded = (torch.round(result.updated / column_scales) + column_zeros).clamp(0, 2**bits - 1)
-    assert torch.equal(rounded.int(), result.ints) and not torch.allclose(result.updated, weight)
+    assert torch.equal(rounded.int(), result.ints.int()) and not torch.allclose(result.updated, weight)
+    lean = run_gptq(weight, gram, bits, 32, symmetric, **kwargs, block_size=40)  # without `updated`: the same result
+    assert lean.updated is None and torch.equal(lean.ints, result.ints)
+    assert torch.equal(lean.dequantized, result.dequantized)
     quantization = quantize_gptq(weight, gram, GPTQ(bits=bits, group_size=32, symmetric=symmetric, **kwargs),
                                  block_size=40)
     packed = quantization.weight
     assert quantization.damp == info.damp and quantization.damp_raised == info.damp_raised
     assert torch.equal(packed.dequantize(), result.dequantized)
-    assert torch.equal(packed.ints(), result.ints)
+    assert torch.equal(packed.ints(), result.ints.int())
     assert packed.ints().min() >= 0 and packed.ints().max() <= 2**bits - 1
     assert packed.symmetric == symmetric and packed.group_size == 32 and packed.shape == (16, 96)
     # W - Q = E U with Hinv = U, so the reported loss is half the damped-Hessian error of the packed weight (up to
