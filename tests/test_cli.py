@@ -103,8 +103,9 @@ def test_interrupted_write_leaves_nothing(capsys, tmp_path, tiny_model_dir, monk
 def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_dir):
     first = tmp_path / "first"
     assert main(["--model", str(tiny_model_dir), "--rank-budget", "0.5", "--wbits", "8", "--group-size", "16",
-                 "--no-true-sequential", "--out", str(first)] + FAST) == 0
-    assert not Recipe.load(first / "recipe.yaml").true_sequential
+                 "--no-true-sequential", "--gram-dtype", "float32", "--out", str(first)] + FAST) == 0
+    recipe = Recipe.load(first / "recipe.yaml")
+    assert not recipe.true_sequential and recipe.gram_dtype == "float32"
     again = tmp_path / "again"
     assert main(["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-eval-ppl", "--out",
                  str(again)]) == 0
@@ -115,6 +116,8 @@ def test_recipe_file_runs_and_conflicts_with_flags(capsys, tmp_path, tiny_model_
                     "--out", str(tmp_path / "x")], "drop --wbits")
     refuse(capsys, ["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--no-true-sequential",
                     "--out", str(tmp_path / "x")], "drop --no-true-sequential")
+    refuse(capsys, ["--model", str(tiny_model_dir), "--recipe", str(first / "recipe.yaml"), "--gram-dtype", "float64",
+                    "--out", str(tmp_path / "x")], "drop --gram-dtype")
 
 
 def factor_bits(model_dir, budget: float, bits: int, group_size: int) -> float:

@@ -37,7 +37,14 @@ def eigenspace_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> L
     root.mul_(scale[:, None])  # R
     dtype, target = target.dtype, target.to(root.dtype)  # in the Gram's precision: 0.45 GiB for an 8B down_proj
     U, S = top_left_singular(target @ root, rank)
-    # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T D Q' (as S' V'^T = U'^T T D Q'), times Q'^+ = Lambda^-1 Q'^T
-    # = Lambda^-1 R^T D^-1, then D^-1 once more: the `down` of T
-    up, down = balanced_factors(U, S, ((U.T @ target) @ root * inverse_lambda) @ root.T / scale.square())
+    if gram.dtype == torch.float32:
+        # M = U'_r U'_r^T T, the optimum without the projection onto the Gram's range: the pseudo-inverse would divide
+        # float32's rounding in the eigenvectors by eigenvalues near the cutoff, and the quantized factors of a real
+        # model's attention inputs (SmolLM2) then blew up
+        projected = U.T @ target
+    else:
+        # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T D Q' (as S' V'^T = U'^T T D Q'), times Q'^+ = Lambda^-1 Q'^T
+        # = Lambda^-1 R^T D^-1, then D^-1 once more: the `down` of T, with no part outside the inputs' span
+        projected = ((U.T @ target) @ root * inverse_lambda) @ root.T / scale.square()
+    up, down = balanced_factors(U, S, projected)
     return LowRank(up=up.to(dtype), down=down.to(dtype), directions=int((inverse_lambda > 0).sum()))
