@@ -110,12 +110,19 @@ def _lapack(matrix: torch.Tensor) -> np.ndarray | None:
     return matrix.detach().numpy().T
 
 
+# scipy's OpenBLAS (0.3.30) crashes (SIGSEGV) in its threaded spotrf at n = 28672 (a 70B down_proj), measured here
+# with 2 threads; 24000 passed, and one thread passes at 28672. Wider matrices are factored on one thread.
+THREADED_LAPACK_MAX = 16384
+
+
 @contextmanager
-def lapack_threads():
-    """Within the context, scipy's BLAS/LAPACK runs on torch's thread count (threadpoolctl)."""
+def lapack_threads(n: int = 0):
+    """Within the context, scipy's BLAS/LAPACK runs on torch's thread count (threadpoolctl); on one thread for an
+    (n, n) matrix wider than THREADED_LAPACK_MAX."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    threads = 1 if n > THREADED_LAPACK_MAX else torch.get_num_threads()
+    with threadpool_limits(limits=threads, user_api="blas"):
         yield
 
 
@@ -124,7 +131,7 @@ def _lapack_call(name: str, view: np.ndarray, *args, **kwargs):
     import scipy.linalg  # here, not at the top: the CUDA path needs no scipy (the GPU machines may lack it)
 
     (function,) = scipy.linalg.lapack.get_lapack_funcs((name,), (view,))
-    with lapack_threads():
+    with lapack_threads(len(view)):
         return function(view, *args, **kwargs)
 
 
@@ -176,7 +183,7 @@ def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     import scipy.linalg
 
     diagonal = matrix.diagonal().clone()
-    with lapack_threads():
+    with lapack_threads(len(view)):
         eigenvalues, vectors = scipy.linalg.eigh(view, driver="evr", lower=True, overwrite_a=True, check_finite=False)
     symmetrize_(matrix).diagonal().copy_(diagonal)
     return torch.from_numpy(eigenvalues), torch.from_numpy(vectors)

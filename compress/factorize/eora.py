@@ -13,7 +13,8 @@ import torch
 
 from calibration import Statistics
 from compress.factorize import Factorization, FactorizeConfig
-from compress.linalg import LowRank, balanced_factors, eigen_root, equilibrated_, top_left_singular
+from compress.factorize.svd_llm import svd_llm_lowrank
+from compress.linalg import LowRank, balanced_factors, eigen_root, top_left_singular
 
 
 @dataclass(frozen=True)
@@ -29,22 +30,23 @@ def factorize_eora(weight: torch.Tensor, statistics: Statistics, rank: int, conf
 
 def eigenspace_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
     """target (out, in) = W or W - W_hat, gram (in, in) -> LowRank(up = B (out, rank), down = A (rank, in))."""
-    # A float32 Gram's channels are first brought to one scale, G = D G' D (D = 1 for float64): the problem is then
-    # solved for T D against G' = Q' Q'^T, and its `down` divided by D. Q' is held as R = D Q' (rows scaled in place),
-    # so that T D Q' = T R needs no scaled copy of T.
-    with equilibrated_(gram) as scale:
-        root, inverse_lambda = eigen_root(gram)
-    root.mul_(scale[:, None])  # R
-    dtype, target = target.dtype, target.to(root.dtype)  # in the Gram's precision: 0.45 GiB for an 8B down_proj
-    U, S = top_left_singular(target @ root, rank)
     if gram.dtype == torch.float32:
-        # M = U'_r U'_r^T T, the optimum without the projection onto the Gram's range: the pseudo-inverse would divide
-        # float32's rounding in the eigenvectors by eigenvalues near the cutoff, and the quantized factors of a real
-        # model's attention inputs (SmolLM2) then blew up
-        projected = U.T @ target
-    else:
-        # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T D Q' (as S' V'^T = U'^T T D Q'), times Q'^+ = Lambda^-1 Q'^T
-        # = Lambda^-1 R^T D^-1, then D^-1 once more: the `down` of T, with no part outside the inputs' span
-        projected = ((U.T @ target) @ root * inverse_lambda) @ root.T / scale.square()
-    up, down = balanced_factors(U, S, projected)
-    return LowRank(up=up.to(dtype), down=down.to(dtype), directions=int((inverse_lambda > 0).sum()))
+        return wide_lowrank(target, gram, rank)
+    root, inverse_lambda = eigen_root(gram)
+    # target.double() only as temporaries: an 8B down_proj's is 0.45 GiB, next to two (in, in) float64 matrices
+    U, S = top_left_singular(target.double() @ root, rank)
+    # S'_r^(1/2) V'_r^T = S'_r^(-1/2) U'_r^T T Q' (as S' V'^T = U'^T T Q'), then A = that times Q'^+ = Lambda^-1 Q'^T
+    up, down = balanced_factors(U, S, ((U.T @ target.double()) @ root * inverse_lambda) @ root.T)
+    return LowRank(up=up.to(target.dtype), down=down.to(target.dtype), directions=int((inverse_lambda > 0).sum()))
+
+
+def wide_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRank:
+    """The same optimum for a Gram kept in float32 (a layer too wide for float64, compress.linalg.gram_dtypes).
+
+    The rank-r M minimising ||(T - M) X||_F is U_r U_r^T T with U from the SVD of T R, for any root R R^T = G: here
+    the Cholesky factor of the channel-equilibrated, minimally damped Gram (SVD-LLM's solve), not eigh. In float32
+    eigh's pseudo-inverse divided the eigenvectors' rounding by eigenvalues near the cutoff, and the quantized
+    factors of SmolLM2's attention layers blew up (perplexity 9.6e6); and for a 70B down_proj (28672 wide) eigh
+    costs about ten times the Cholesky factorization. Directions are not counted (None)."""
+    lowrank, _ = svd_llm_lowrank(target, gram, rank)
+    return lowrank

@@ -22,10 +22,17 @@ class SVDLLM(FactorizeConfig):
 
 def factorize_svd_llm(weight: torch.Tensor, statistics: Statistics, rank: int, config: SVDLLM) -> Factorization:
     """weight (out, in), statistics.gram (in, in) -> Factorization (with the damping the Cholesky factor needed)."""
-    with equilibrated_(statistics.gram) as scale:  # a float32 Gram's channels brought to one scale (D = 1 for float64)
-        root, damp = damped_cholesky(statistics.gram)
-    scaled = weight.to(root.dtype) * scale
-    whitened = scaled @ root
+    lowrank, damp = svd_llm_lowrank(weight, statistics.gram, rank)
+    return Factorization(lowrank, damp=damp)
+
+
+def svd_llm_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[LowRank, float]:
+    """The rank-r M minimising ||(T - M) X||_F through the Cholesky factor L of the damped Gram: U_r U_r^T T with U
+    from the SVD of T L; and the damping. A float32 Gram's channels are first scaled to unit energy, G = D G' D (exact,
+    undone; D = 1 for float64), and T D L' = T R with R = D L' scaled in place: no scaled copy of T."""
+    with equilibrated_(gram) as scale:
+        root, damp = damped_cholesky(gram)
+    root.mul_(scale[:, None])
+    whitened = target.to(root.dtype) @ root
     del root  # an (in, in) matrix: 1.5 GiB for an 8B down_proj in float64, not needed for the SVD
-    lowrank = whitened_lowrank(scaled, whitened, rank)  # of T D: its `down` divided by D is T's
-    return Factorization(LowRank(lowrank.up.to(weight.dtype), (lowrank.down / scale).to(weight.dtype)), damp=damp)
+    return whitened_lowrank(target, whitened, rank), damp
