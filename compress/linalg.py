@@ -10,7 +10,7 @@ other ranks) its spinning threads make a factorization 10-100x slower.
 
 A 70B model's down_proj reads 28672 channels (6.1 GiB in float64), a 405B's 53248 (21 GiB): where a capture step's
 Grams would not fit, `gram_dtypes` keeps the widest in float32, and every function here then works in the Gram's
-own precision (float32 LAPACK, float32 eigenvectors) rather than in a float64 copy of it.
+own precision (float32 LAPACK) rather than in a float64 copy of it.
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def svd_llm_lowrank(target: torch.Tensor, gram: torch.Tensor, rank: int) -> tupl
     undone; D = 1 for float64), and T D L' = T R with R = D L' scaled in place: no scaled copy of T."""
     with equilibrated_(gram) as scale:
         root, damp = damped_cholesky(gram)
-    root.mul_(scale[:, None])
+    if gram.dtype == torch.float32:  # D = 1 otherwise: no pass over an (in, in) float64 factor for nothing
+        root.mul_(scale[:, None])
     whitened = target.to(root.dtype) @ root
     del root  # an (in, in) matrix: 1.5 GiB for an 8B down_proj in float64, not needed for the SVD
     return whitened_lowrank(target, whitened, rank), damp
