@@ -18,6 +18,10 @@ class Statistics:
     cross: torch.Tensor | None = None
 
 
+# the Gram is summed in row blocks of this many channels, each up to the diagonal
+GRAM_BLOCK = 512
+
+
 class GramAccumulator:
     """Streaming sums over the tokens seen, in `dtype` (float64; float32 halves a wide layer's Gram): gram = sum x x^T
     (in, in), the token count, and with `cross` also cross = sum (x_fp - x) x^T, the full-precision stream's offset
@@ -36,7 +40,10 @@ class GramAccumulator:
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.gram.device, self.product_dtype)
-        self._add(self.gram, x.T, x)
+        # only the blocks on and below the diagonal: `finish` copies them across (a third less work at 1536 wide)
+        edges = list(range(0, len(self.gram), GRAM_BLOCK)) + [len(self.gram)]
+        for start, stop in zip(edges, edges[1:]):
+            self._add(self.gram[start:stop, :stop], x[:, start:stop].T, x[:, :stop])
         if self.cross is not None:
             self._add(self.cross, (x_fp.reshape(x.shape).to(x) - x).T, x)
         self.count += x.shape[0]
@@ -89,27 +96,77 @@ def swapped(block: nn.Module, modules: dict[str, nn.Module]):
         block.set_submodule(name, module)
     try:
         yield
-    finally:
-        for name, module in previous.items():
+    finally:  # in reverse, so that a module set inside another given one is restored inside it
+        for name, module in reversed(previous.items()):
             block.set_submodule(name, module)
+
+
+class Replays:
+    """Outputs of the block's modules that are final (all their linears compressed: the attention once o_proj is,
+    gate_proj once it is), recorded per batch on the compressed stream the first time they run and replayed from
+    then on: the block's later capture steps and its propagation skip them. Replaying gives the same bits as running
+    them again.
+
+    `budget`: bytes the recorded outputs may take; `add(widths)` names more modules as they become final, with
+    their output widths, in the order to prefer them: those that would exceed the budget are not replayed, and a
+    module inside a replayed one is dropped once the outer one has been recorded (its replays serve that run).
+    """
+
+    def __init__(self, tokens: int, budget: float):
+        self.tokens, self.left = tokens, budget
+        self.outputs: dict[str, dict[int, object]] = {}
+        self.widths: dict[str, int] = {}
+        self.covered: list[str] = []
+
+    def add(self, widths: dict[str, int]) -> None:
+        for inner in self.covered:  # their outer module has been recorded since
+            del self.outputs[inner]
+            self.left += self.tokens * self.widths.pop(inner) * 4
+        self.covered = []
+        for name, width in widths.items():
+            if name in self.outputs or any(name.startswith(outer + ".") for outer in self.outputs):
+                continue
+            if self.tokens * width * 4 <= self.left:
+                self.covered += [inner for inner in self.outputs if inner.startswith(name + ".")]
+                self.outputs[name], self.widths[name] = {}, width
+                self.left -= self.tokens * width * 4
+
+    def stand_ins(self, block: nn.Module, start: int) -> dict[str, nn.Module]:
+        """{module: a module that replays its output for the batch starting at window `start`, or runs and records
+        it}: for `swapped`, around one compressed-stream forward of that batch, inner modules first."""
+        names = sorted(self.outputs, key=lambda name: -name.count("."))
+        return {name: _Replay(block.get_submodule(name), self.outputs[name], start) for name in names}
+
+
+class _Replay(nn.Module):
+    def __init__(self, module: nn.Module, outputs: dict[int, object], start: int):
+        super().__init__()
+        self.module, self.outputs, self.start = module, outputs, start
+
+    def forward(self, *args, **kwargs):
+        if self.start not in self.outputs:
+            self.outputs[self.start] = self.module(*args, **kwargs)
+        return self.outputs[self.start]
 
 
 @torch.no_grad()
 def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, block_kwargs: dict,
                      fp_hidden: torch.Tensor | None = None, cross: bool = False, fp_outputs: bool = False,
                      originals: dict[str, nn.Module] | None = None, batch_size: int = 8,
-                     product_dtype: torch.dtype = torch.float64, gram_dtypes: dict[str, torch.dtype] | None = None
-                     ) -> tuple[dict[str, Statistics], torch.Tensor | None]:
+                     product_dtype: torch.dtype = torch.float64, gram_dtypes: dict[str, torch.dtype] | None = None,
+                     replays: Replays | None = None) -> tuple[dict[str, Statistics], torch.Tensor | None]:
     """Input statistics of groups of the block's linears (names inside the block), from running the block, batch by
     batch, on the compressed stream `hidden`. The linears of one group read the same tensor (q/k/v, gate/up): they
     share one Statistics, accumulated on the group's first linear.
 
     With `fp_hidden`, each batch first runs on the full-precision stream, with `originals` ({name: module}, the
     layers of this block already compressed) put back in place: `cross` then adds each group's cross term against
-    that stream, and `fp_outputs` returns the block's full-precision outputs (else None). A run stops once the
-    last group's input is seen unless its output is needed. The streams may live elsewhere (CPU, half precision)
-    than the block: each batch visits the block's device. `product_dtype`: see GramAccumulator; `gram_dtypes`:
-    {a group's first linear: the dtype of its Gram} where not float64.
+    that stream, and `fp_outputs` returns the block's full-precision outputs (else None); without `cross` it may
+    hold only the first windows (outputs for those). A run stops once the last group's input is seen unless its
+    output is needed. The streams may live elsewhere (CPU, half precision) than the block: each batch visits the
+    block's device. `product_dtype`: see GramAccumulator; `gram_dtypes`:
+    {a group's first linear: the dtype of its Gram} where not float64. `replays`: sublayers replayed on the
+    compressed stream (see Replays).
     """
     device = block_device(block)
     firsts = [group[0] for group in groups]
@@ -134,14 +191,15 @@ def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: to
     outputs = []
     try:
         for start in range(0, len(hidden), batch_size):
-            if fp_hidden is not None:
+            if fp_hidden is not None and start < len(fp_hidden):  # it may hold only the first windows
                 phase["fp"] = True
                 with swapped(block, originals or {}):
                     out = _through_until_stop(block, fp_hidden[start: start + batch_size], block_kwargs)
                 if fp_outputs:
                     outputs.append(out)
             phase["fp"] = False
-            _through_until_stop(block, hidden[start: start + batch_size], block_kwargs)
+            with swapped(block, replays.stand_ins(block, start) if replays else {}):
+                _through_until_stop(block, hidden[start: start + batch_size], block_kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -208,7 +266,12 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module,
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict, batch_size: int = 8) -> torch.Tensor:
-    """The block's outputs for (nsamples, seqlen, hidden) inputs, `batch_size` windows at a time."""
-    return torch.cat([_through(block, hidden[start: start + batch_size], block_kwargs)
-                      for start in range(0, len(hidden), batch_size)])
+def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict, batch_size: int = 8,
+              replays: Replays | None = None) -> torch.Tensor:
+    """The block's outputs for (nsamples, seqlen, hidden) inputs, `batch_size` windows at a time (`replays`: the
+    sublayers replayed, see Replays)."""
+    outputs = []
+    for start in range(0, len(hidden), batch_size):
+        with swapped(block, replays.stand_ins(block, start) if replays else {}):
+            outputs.append(_through(block, hidden[start: start + batch_size], block_kwargs))
+    return torch.cat(outputs)

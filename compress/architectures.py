@@ -3,8 +3,10 @@ in which data flows through them.
 
 `groups` lists a block's linears in data-flow order, each group the linears that read one tensor (one Gram):
 true-sequential compression takes them group by group. `attention` and `mlp` name the projections LoRAP treats
-differently (empty where a family fuses them). Whether the head is tied to the embeddings is the config's own
-`tie_word_embeddings`.
+differently (empty where a family fuses them). `sublayers` names the block's submodules whose output depends only
+on their input and their own linears (the attention, the MLP): once those linears are compressed, the block's
+later passes replay their recorded outputs instead of running them. Whether the head is tied to the embeddings is
+the config's own `tie_word_embeddings`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class Architecture:
     groups: tuple[tuple[str, ...], ...]
     attention: tuple[str, ...] = ()
     mlp: tuple[str, ...] = ()
+    sublayers: tuple[str, ...] = ()
     embeddings: str = "model.embed_tokens"
     norm: str = "model.norm"
     head: str = "lm_head"
@@ -37,10 +40,12 @@ LLAMA = Architecture(
             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    sublayers=("self_attn", "mlp"),
 )
 PHI3 = Architecture(
     blocks="model.layers",
     groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    sublayers=("self_attn", "mlp"),
 )
 ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "phi3": PHI3}
 

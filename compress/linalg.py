@@ -2,9 +2,9 @@
 precision each Gram is kept in.
 
 An 8B model's down_proj reads 14336 channels: its float64 Gram, and every (n, n) matrix derived from it, is 1.5 GiB.
-The decompositions therefore work in place (`cholesky_`, `cholesky_inverse_`, `eigh_`): on the CPU through LAPACK
-(scipy), which overwrites its input, where torch.linalg would allocate the result beside it and, for eigh, a
-2 n^2 workspace too. Elsewhere (CUDA) they fall back to torch and copy the result back. LAPACK runs with torch's
+The decompositions therefore work in place (`cholesky_`, `triangular_inverse_`, `eigh_`): on the CPU through LAPACK
+(scipy), which overwrites its input, where torch.linalg would allocate the result beside it and, for eigh, a 2 n^2
+workspace too. Elsewhere (CUDA) they fall back to torch and copy the result back. LAPACK runs with torch's
 thread count: scipy's OpenBLAS otherwise starts a thread per core, and beside any other busy process (torchrun's
 other ranks) its spinning threads make a factorization 10-100x slower.
 
@@ -14,6 +14,7 @@ own precision (float32 LAPACK) rather than in a float64 copy of it.
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ def nonfinite_count(tensor: torch.Tensor, rows: int = 1024) -> int:
     """How many entries are NaN or Inf, a block of rows at a time: torch.isfinite on a whole (n, n) float64 matrix
     holds temporaries larger than the matrix."""
     flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor[None]
-    return sum((~torch.isfinite(block)).sum().item() for block in flat.split(rows))
+    # a finite sum (one pass, no temporary) means every entry is finite; only a block whose sum is not (a NaN or
+    # Inf in it, or an overflow of the sum) is counted entry by entry
+    return sum((~torch.isfinite(block)).sum().item() for block in flat.split(rows)
+               if not torch.isfinite(block.sum()))
 
 
 PRECISIONS = (torch.float32, torch.float64)  # what a Gram, and the decompositions of it, are kept in
@@ -119,11 +123,19 @@ THREADED_LAPACK_MAX = 16384
 def lapack_threads(n: int = 0):
     """Within the context, scipy's BLAS/LAPACK runs on torch's thread count (threadpoolctl); on one thread for an
     (n, n) matrix wider than THREADED_LAPACK_MAX."""
-    from threadpoolctl import threadpool_limits
-
     threads = 1 if n > THREADED_LAPACK_MAX else torch.get_num_threads()
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with _threadpools().limit(limits=threads, user_api="blas"):
         yield
+
+
+@functools.cache
+def _threadpools():
+    """threadpoolctl's view of the loaded BLAS libraries (scipy's among them), found once: finding them takes
+    milliseconds, as long as a small layer's factorization."""
+    import scipy.linalg  # noqa: F401 - loads scipy's BLAS, so that the controller sees it
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _lapack_call(name: str, view: np.ndarray, *args, **kwargs):
@@ -148,18 +160,30 @@ def cholesky_(matrix: torch.Tensor, upper: bool = False) -> bool:
     return info == 0
 
 
-def cholesky_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
-    """Replace a Cholesky factor (as `cholesky_` leaves it) by the inverse of the matrix it factors, in place.
-
-    The inverse is only guaranteed in the factor's triangle, which is the one a following `cholesky_` with the
-    same `upper` reads."""
+def triangular_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
+    """Replace a triangular matrix (lower, or upper) by its inverse, in place; the other triangle is left as it is."""
     view = _lapack(factor)
     if view is None:
-        factor.copy_(torch.cholesky_inverse(factor, upper=upper))
+        eye = torch.eye(len(factor), dtype=factor.dtype, device=factor.device)
+        triangle = factor.triu() if upper else factor.tril()
+        factor.copy_(torch.linalg.solve_triangular(triangle, eye, upper=upper))
         return
-    _, info = _lapack_call("potri", view, lower=upper, overwrite_c=1)
+    _, info = _lapack_call("trtri", view, lower=upper, overwrite_c=1)
     if info != 0:
-        raise torch.linalg.LinAlgError("cholesky_inverse_: the factor is singular")
+        raise torch.linalg.LinAlgError("triangular_inverse_: the matrix is singular")
+
+
+def reverse_(matrix: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Reverse the order of both rows and columns of a contiguous matrix in place (J M J, J the reversal): the
+    flattened entries in reverse, swapped `chunk` at a time so that no copy of the matrix is held."""
+    flat = matrix.view(-1)
+    size = flat.numel()
+    for start in range(0, size // 2, chunk):
+        end = min(start + chunk, size // 2)
+        head = flat[start:end].flip(0)
+        flat[start:end] = flat[size - end:size - start].flip(0)
+        flat[size - end:size - start] = head
+    return matrix
 
 
 def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration import group_statistics, load_text, run_block, sample_windows
+from calibration import Replays, group_statistics, load_text, run_block, sample_windows
 from calibration.capture import block_device
 from calibration.data import CalibrationError
 from compress.architectures import Architecture, architecture
@@ -31,6 +31,10 @@ from compress.stages import LearnedQuantizer, Plan, allocate, compress_linear, p
 from compress.streaming import Shards, empty_model, has_shards, work_directory
 
 DEFAULT_CALIBRATION = DEMO_DIR / "calibration.txt"
+# windows of the full-precision stream kept where no method reads it (only the block output error does)
+REFERENCE_WINDOWS = 4
+# replayed outputs may take at most 1 / REPLAY_SHARE of the memory (a 70B block's attention at 32 x 512 would not)
+REPLAY_SHARE = 64
 
 
 @dataclass
@@ -94,6 +98,12 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     check_finite(hidden, "the calibration inputs of the first block")
     learner = LearnedQuantizer(recipe.quantize, len(blocks), state.pending) \
         if isinstance(recipe.quantize, LearnedConfig) else None
+    if not (cross or learner) and len(fp_hidden) > REFERENCE_WINDOWS:
+        # the full-precision stream only measures the block output error here: a few windows estimate it, at a
+        # fraction of a forward pass per block (a quarter of a GPTQ run's forwards on SmolLM2)
+        fp_hidden = fp_hidden[:REFERENCE_WINDOWS]
+        notes.append(f"block output errors measured on the first {REFERENCE_WINDOWS} calibration windows"
+                     + (" of each rank" if world.size > 1 else ""))
     records = []
     for index in tqdm(range(len(blocks)), desc="compressing", unit="block", disable=not progress):
         if index < state.resumed:  # finished by the interrupted run: its record, and its layers' shapes on meta
@@ -105,13 +115,17 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         kept, originals = prune_mlp(block, arch, hidden, block_kwargs, 1 - recipe.factorize.rank_budget, world) \
             if plan.prune else (None, {})
         layers, fp_next, device = {}, None, block_device(block)
+        replays = Replays(hidden.shape[0] * hidden.shape[1], memory / REPLAY_SHARE) \
+            if recipe.true_sequential else None
         for step, groups in enumerate(capture_steps(arch, targets[index], prefix, recipe.true_sequential)):
+            if replays:
+                replays.add(final_modules(arch, block, targets[index], prefix, layers, hidden.shape[-1]))
             # the first capture runs the block as it came (its full-precision outputs); later ones see earlier
             # groups compressed, and for SAES's cross term run the full-precision stream with `originals` back
             dtypes = step_gram_dtypes(recipe.gram_dtype, block, groups, 2 if cross else 1, working, memory)
             statistics, fp_out = group_statistics(block, groups, hidden, block_kwargs, fp_hidden if step == 0 or cross
                                                   else None, cross, fp_outputs=step == 0, originals=originals,
-                                                  product_dtype=product_dtype, gram_dtypes=dtypes)
+                                                  product_dtype=product_dtype, gram_dtypes=dtypes, replays=replays)
             shared = {id(t): t for found in statistics.values() for t in (found.gram, found.cross) if t is not None}
             distributed.sum_(list(shared.values()), world)  # once each: the linears of a group share one Gram
             del shared  # each Gram is freed once its group's layers are solved
@@ -153,7 +167,8 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 block.set_submodule(local, layer)
         if fp_next is None:  # nothing targeted in this block: both streams run through it as it is
             fp_next = run_block(block, fp_hidden, block_kwargs)
-        hidden, fp_hidden = run_block(block, hidden, block_kwargs), fp_next
+        hidden, fp_hidden = run_block(block, hidden, block_kwargs, replays=replays), fp_next
+        del replays
         for layer in block.modules():
             if isinstance(layer, CompressedLinear):
                 layer.keep_dense(False)
@@ -197,6 +212,17 @@ def step_gram_dtypes(choice: str, block: nn.Module, groups: list[tuple[str, ...]
     if choice != "auto":
         return {first: GRAM_DTYPES[choice] for first in widths}
     return gram_dtypes(widths, per_gram, working, memory)
+
+
+def final_modules(arch: Architecture, block: nn.Module, names: list[str], prefix: str, solved: dict,
+                  hidden_size: int) -> dict[str, int]:
+    """{module: output width} of the block's sublayers none of whose targeted linears is still to be compressed,
+    then of its compressed linears (local names; `solved`: the full names of the compressed ones): what Replays
+    may replay from now on."""
+    pending = {name[len(prefix) + 1:] for name in names if name not in solved}
+    sublayers = {sub: hidden_size for sub in arch.sublayers if not any(local.startswith(sub + ".") for local in pending)}
+    done = [name[len(prefix) + 1:] for name in names if name in solved]
+    return sublayers | {local: block.get_submodule(local).out_features for local in done}
 
 
 def capture_steps(arch: Architecture, names: list[str], prefix: str, true_sequential: bool) -> list[list[tuple]]:
@@ -319,9 +345,10 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
 
 def stream_error(hidden: torch.Tensor, fp_hidden: torch.Tensor, windows: int = 8,
                  world: distributed.World = distributed.World()) -> float:
-    """||hidden - fp_hidden|| / ||fp_hidden|| over the calibration windows (every rank's), a few windows at a time:
-    float32 copies of whole half-precision streams (--offload) would be twice their size each."""
+    """||hidden - fp_hidden|| / ||fp_hidden|| over the calibration windows that fp_hidden holds (every rank's), a few
+    windows at a time: float32 copies of whole half-precision streams (--offload) would be twice their size each."""
     num = den = 0.0
+    hidden = hidden[:len(fp_hidden)]  # the first windows, where only those of the reference stream are kept
     for compressed, reference in zip(hidden.split(windows), fp_hidden.split(windows)):
         reference = reference.float()
         num += (compressed.float() - reference).square().sum().item()

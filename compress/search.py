@@ -214,12 +214,12 @@ def gptq_column_weights(gram: torch.Tensor, config: GridConfig) -> torch.Tensor 
 
     d_j^2 = [(H_F)^-1]_jj, F the columns from j on, so 1 / d_j^2 is the Schur complement of the columns after j: the
     squared diagonal of the lower Cholesky factor of H in reversed processing order. One factorization instead of
-    GPTQ's three (Cholesky, inverse, Cholesky); float32, since only the diagonal is read."""
+    GPTQ's two (Cholesky, triangular inverse); float32, since only the diagonal is read."""
     if not isinstance(config, GPTQ):
         return None
     perm, dead = column_order(gram, config.act_order, gram.device)
     order = torch.arange(len(gram)) if perm is None else perm
-    reversed_hessian = working_hessian(gram, perm, dead[order], torch.float32, gram.device).flip(0, 1)
+    reversed_hessian = working_hessian(gram, perm, dead[order], torch.float32, gram.device, reverse=True)
     mean_diagonal = float(reversed_hessian.diagonal().mean())
     damp = config.damp
     while True:  # damping raised as GPTQ raises it (inverse_hessian_factor) when the factorization fails

@@ -44,6 +44,7 @@ def matmul_reference(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, t:
     return y
 
 
+@torch.no_grad()
 def gptq_block_reference(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                          bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block of GPTQ's column loop: quantize the columns in order, each rounding error pushed onto the block's
@@ -55,17 +56,25 @@ def gptq_block_reference(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Ten
     losses (rows,) sum (w - q)^2 / Hinv_ii^2 / 2, the last two in W1's dtype. W1 is not modified.
     """
     rows, cols = W1.shape
-    W1 = W1.clone()
-    ints = torch.zeros(rows, cols, dtype=torch.int32, device=W1.device)
-    Q = torch.zeros(rows, cols, dtype=torch.float32, device=W1.device)
-    Err1 = torch.zeros_like(W1)
+    # transposed, so that each column is a contiguous row; a handful of in-place operations per column, because on a
+    # CPU this loop's time is per-operation overhead (576-row columns)
+    WT = W1.T.contiguous()
+    scaleT, zeroT = scale.T.float().contiguous(), zero.T.float().contiguous()
+    QT = torch.empty(cols, rows, dtype=torch.float32, device=W1.device)
+    ErrT = torch.empty_like(WT)
+    # round(w / s) + z clamped to [0, maxq], minus z, is round(w / s) clamped to [-z, maxq - z]: exact in floats
+    lows, highs = zeroT.neg(), zeroT.neg().add_(2**bits - 1)
+    pivots, single = Hinv1.diagonal().tolist(), WT.dtype == torch.float32
+    columns = zip(WT.unbind(0), QT.unbind(0), ErrT.unbind(0), scaleT.unbind(0), lows.unbind(0), highs.unbind(0),
+                  Hinv1.unbind(0), pivots)
+    for i, (w, q, err, s, low, high, h, pivot) in enumerate(columns):
+        torch.div(w if single else w.float(), s, out=q)
+        torch.round(q, out=q).clamp_(low, high).mul_(s)  # exact: an integer times the scale, as dequantize's
+        torch.sub(w, q, out=err).div_(pivot)
+        WT[i + 1:] -= torch.outer(h[i + 1:], err)  # rounded twice, as the kernel (no fused multiply-add)
+    ints = torch.div(QT, scaleT).round_().add_(zeroT).to(torch.int32)  # (q - z) * s / s is q - z to within 1e-4
+    halves = ErrT.square().div_(2)
     losses = torch.zeros(rows, dtype=W1.dtype, device=W1.device)
-    for i in range(cols):
-        w, column_scale, column_zero = W1[:, i:i + 1], scale[:, i:i + 1], zero[:, i:i + 1]
-        ints[:, i:i + 1] = quantize_ints(w, column_scale, column_zero, bits)
-        Q[:, i:i + 1] = dequantize(ints[:, i:i + 1], column_scale, column_zero, 1)
-        err = (w - Q[:, i:i + 1].to(W1.dtype)) / Hinv1[i, i]
-        losses += err.squeeze(1) ** 2 / 2
-        W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
-        Err1[:, i:i + 1] = err
-    return ints, Q, Err1, losses
+    for half in halves:  # summed column by column, in the order the kernel sums them
+        losses += half
+    return ints.T, QT.T, ErrT.T, losses

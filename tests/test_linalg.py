@@ -5,10 +5,10 @@ import torch
 from calibration import Statistics
 from compress.factorize.eora import eigenspace_lowrank
 from compress.factorize.svd_llm import SVDLLM, factorize_svd_llm
-from compress.linalg import (cholesky_, cholesky_inverse_, eigh_, gram_dtypes, lapack_threads, output_error,
-                             symmetrize_, top_left_singular)
+from compress.linalg import (cholesky_, eigh_, gram_dtypes, lapack_threads, output_error, reverse_,
+                             symmetrize_, top_left_singular, triangular_inverse_)
 from compress.quantize.gptq import inverse_hessian_factor
-from kernels.grid import pack, pack_bitstream
+from kernels.grid import WORD, pack, unpack
 from tests.factorize.test_svd_llm import correlated_inputs
 
 
@@ -40,12 +40,12 @@ def test_cholesky_reports_an_indefinite_matrix():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_inverse_hessian_factor_in_place_chain(dtype):
-    # GPTQ's chain: upper Cholesky factor U of (H + lambda I)^-1, U^T U = (H + lambda I)^-1
+    # GPTQ's factor: upper Cholesky factor U of (H + lambda I)^-1, U^T U = (H + lambda I)^-1, from H built reversed
     hessian = gram(32).to(dtype)
     built = []
 
     def build():
-        built.append(hessian.clone())
+        built.append(hessian.flip(0, 1).contiguous())
         return built[-1]
 
     upper, damp, raised = inverse_hessian_factor(build, 0.01)
@@ -56,12 +56,23 @@ def test_inverse_hessian_factor_in_place_chain(dtype):
     assert upper.tril(-1).abs().max() == 0
 
 
-def test_cholesky_inverse_gives_the_inverse_in_the_factor_triangle():
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("lapack", [True, False])
+def test_triangular_inverse_in_place(upper, lapack):
     matrix = gram(24)
-    work = matrix.clone()
-    cholesky_(work)
-    cholesky_inverse_(work)
-    torch.testing.assert_close(work.tril(), torch.linalg.inv(matrix).tril(), rtol=1e-8, atol=1e-10)
+    factor = torch.linalg.cholesky(matrix, upper=upper)
+    work = factor.clone(memory_format=torch.contiguous_format)
+    if not lapack:  # not contiguous: the torch path
+        work = work.T.clone(memory_format=torch.contiguous_format).T
+    triangular_inverse_(work, upper=upper)
+    torch.testing.assert_close(work, torch.linalg.inv(factor), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 5), (7, 3), (64, 64)])
+def test_reverse_turns_the_matrix_half_way_round(shape):
+    matrix = torch.randn(shape, dtype=torch.float64)
+    expected = matrix.flip(0, 1)
+    assert torch.equal(reverse_(matrix, chunk=5), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -98,10 +109,20 @@ def test_top_left_singular_matches_the_svd(shape):
     torch.testing.assert_close(U @ U.T, U_ref[:, :6] @ U_ref[:, :6].T, rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_pack_fast_path_equals_the_bitstream(bits):
+def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack's reference, bit by bit: (rows, padded) int64 -> the words of the values' bits laid end to end."""
+    rows, padded = values.shape
+    bitstream = ((values.unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(rows, padded * bits // WORD, WORD)
+    words = (bitstream << torch.arange(WORD)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_equals_the_bitstream_and_unpacks(bits):
     values = torch.randint(0, 2**bits, (7, 96), generator=torch.Generator().manual_seed(bits))
+    values[0] = 2**bits - 1  # every bit set: the words' sign bits and the fields that straddle two words
     torch.testing.assert_close(pack(values, bits), pack_bitstream(values.to(torch.int64), bits))
+    assert torch.equal(unpack(pack_bitstream(values.to(torch.int64), bits), bits, 96), values)
 
 
 def test_eigh_refuses_a_non_finite_matrix_instead_of_recursing():

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoConfig
 
 import compress.pipeline as pipeline
-from compress import (CBQ, GPTQ, LRQ, METHODS, RTN, SAES, SVD, SVDLLM, CompressedLinear, EoRA, LoRAP, LoRC, Recipe,
-                      SignRound, compress_model, load_compressed, save_compressed)
+from compress import (CBQ, GPTAQ, GPTQ, LRQ, METHODS, RTN, SAES, SVD, SVDLLM, CompressedLinear, EoRA, LoRAP, LoRC,
+                      Recipe, SignRound, compress_model, load_compressed, save_compressed)
 from compress.architectures import LLAMA
 from calibration import sample_windows
 from compress.models import DEMO_DIR, load_model
@@ -385,3 +385,50 @@ def test_float32_statistics_are_reported_and_compress_as_well_as_float64(demo_id
 def test_auto_keeps_float64_where_the_grams_fit(tiny_model_dir):
     report = run(tiny_model_dir, quantize=GPTQ(bits=4, group_size=32)).report
     assert not any("gram_dtype" in entry for entry in report["layers"].values())
+
+
+def test_replayed_modules_give_the_same_model_and_skip_their_runs(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(1))
+    results, forward, default = {}, CompressedLinear.forward, pipeline.REPLAY_SHARE
+    for share in (default, math.inf):  # inf: no memory for replays, every pass runs every module
+        monkeypatch.setattr(pipeline, "REPLAY_SHARE", share)
+        model, tokenizer, _ = load_model(str(tiny_model_dir))
+        counts = {"attention": 0, "compressed linear": 0}
+        for block in model.model.layers:
+            block.self_attn.register_forward_pre_hook(
+                lambda *_: counts.__setitem__("attention", counts["attention"] + 1))
+
+        def counted(layer, x):
+            counts["compressed linear"] += 1
+            return forward(layer, x)
+
+        monkeypatch.setattr(CompressedLinear, "forward", counted)
+        result = compress_model(model, Recipe(quantize=GPTQ(bits=4, group_size=32)), calib=ids, progress=False)
+        results[share] = ({k: v.clone() for k, v in result.model.state_dict().items()}, counts)
+    (replayed, fewer), (plain, every) = results[default], results[math.inf]
+    assert replayed.keys() == plain.keys() and all(torch.equal(replayed[k], plain[k]) for k in plain)
+    # per block, the attention runs in the full-precision pass and the captures for q/k/v, o and gate/up; without
+    # replays also in the capture for down_proj and the propagation. Compressed linears, per block: the captures for
+    # o (q, k, v), gate/up (q, k, v, o), down (those and gate, up) and the propagation (all 7): 20; with replays
+    # q, k, v (capture for o), o, then gate and up (capture for down), down (propagation): 7
+    assert every == {"attention": 2 * 6, "compressed linear": 2 * 20}
+    assert fewer == {"attention": 2 * 4, "compressed linear": 2 * 7}
+
+
+def test_a_method_that_reads_no_full_precision_stream_keeps_a_few_windows_of_it(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 4000, (6, 32), generator=torch.Generator().manual_seed(2))
+    results, default = {}, pipeline.REFERENCE_WINDOWS
+    for windows in (default, 100):
+        monkeypatch.setattr(pipeline, "REFERENCE_WINDOWS", windows)
+        results[windows] = compress_model(str(tiny_model_dir), Recipe(quantize=GPTQ(bits=4, group_size=32)),
+                                          calib=ids, progress=False)
+    few, full = results[default], results[100]
+    assert all(torch.equal(a, b) for a, b in zip(few.model.state_dict().values(), full.model.state_dict().values()))
+    assert f"block output errors measured on the first {default} calibration windows" \
+        in few.report["notes"]
+    assert not any("measured on the first" in note for note in full.report["notes"])
+    assert all(0 < error < 1 for error in few.report["block_output_error"])
+    # GPTAQ reads the full-precision stream: it keeps every window
+    gptaq = compress_model(str(tiny_model_dir), Recipe(quantize=GPTAQ(bits=4, group_size=32)), calib=ids,
+                           progress=False)
+    assert not any("measured on the first" in note for note in gptaq.report["notes"])

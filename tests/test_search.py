@@ -96,13 +96,13 @@ def test_gptq_cost_model_matches_gptqs_error(bits):
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_column_weights_are_gptqs_inverse_hessian_diagonal(act_order):
     """The Schur complements from one Cholesky in reversed order equal 1 / d_j^2 from GPTQ's own factor of the damped
-    inverse Hessian (Cholesky, inverse, Cholesky), column by column; a dead input counts as GPTQ counts it."""
+    inverse Hessian (inverse_hessian_factor), column by column; a dead input counts as GPTQ counts it."""
     gram = random_gram(48, tokens=200)
     gram[5, :] = gram[:, 5] = 0  # a dead input
     config = GPTQ(act_order=act_order, damp=0.01)
     perm, dead = column_order(gram, act_order, "cpu")
     order = torch.arange(48) if perm is None else perm
-    factor, _, _ = inverse_hessian_factor(lambda: working_hessian(gram, perm, dead[order], torch.float64, "cpu"),
+    factor, _, _ = inverse_hessian_factor(lambda: working_hessian(gram, perm, dead[order], torch.float64, "cpu", True),
                                           config.damp)
     expected = torch.empty(48, dtype=torch.float64)
     expected[order] = factor.diagonal().square().reciprocal()

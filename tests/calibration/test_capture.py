@@ -176,3 +176,30 @@ def test_group_statistics_after_an_earlier_group_was_replaced():
     assert torch.allclose(fp_out, expected_out)
     unpaired, _ = group_statistics(block, groups, hidden, {}, fp_hidden, cross=True, batch_size=2)
     assert not torch.allclose(unpaired["o"].cross, stopped["o"].cross, atol=1e-3)  # the originals mattered
+
+
+def test_replays_keep_to_their_budget_and_drop_what_an_outer_replay_covers():
+    from calibration import Replays
+
+    replays = Replays(tokens=10, budget=10 * 4 * 120)  # room for 120 channels of outputs
+    replays.add({"attn.q": 60})
+    assert list(replays.outputs) == ["attn.q"]
+    replays.add({"attn": 50, "attn.k": 10, "mlp.gate": 60})  # attn covers attn.k; no room left for gate
+    assert list(replays.outputs) == ["attn.q", "attn"]        # attn.q serves attn's first (recording) run
+    replays.add({"mlp.up": 60})  # attn.q is dropped now: room for up
+    assert list(replays.outputs) == ["attn", "mlp.up"]
+
+
+def test_a_gram_summed_in_row_blocks_up_to_the_diagonal_is_the_whole_gram(monkeypatch):
+    import calibration.capture as capture
+
+    monkeypatch.setattr(capture, "GRAM_BLOCK", 16)  # 40 channels: blocks of 16, 16 and 8 rows
+    batches = [torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
+    for dtype in (torch.float64, torch.float32):
+        accumulator = GramAccumulator(40, dtype=dtype)
+        for batch in batches:
+            accumulator.add(batch)
+        x = torch.cat(batches).reshape(-1, 40).double()
+        gram = accumulator.finish().gram
+        assert torch.equal(gram, gram.T)
+        torch.testing.assert_close(gram.double(), x.T @ x, rtol=1e-5, atol=1e-5)
