@@ -59,6 +59,22 @@ def test_eora_minimises_output_error_for_weight_and_for_quantization_error():
             assert torch.isclose(loss, best_loss(target, x, rank), rtol=1e-8)
 
 
+def test_eora_on_a_tall_target_from_the_input_side_equals_the_product_route(monkeypatch):
+    import compress.factorize.eora as eora
+    from compress.linalg import top_left_singular
+
+    monkeypatch.setattr(eora, "ROW_BLOCK", 16)  # 70 rows: five blocks of rows summed
+    x = mild_inputs(20, 90, seed=4).T
+    gram, target = x @ x.T, randn(70, 20, seed=5)
+    root, _ = eigen_root(gram)
+    for rank in (1, 4, 9):
+        lowrank = eigenspace_lowrank(target.float(), gram, rank)
+        U, S = top_left_singular(target.float().double() @ root, rank)  # the QR route on T Q' itself
+        torch.testing.assert_close(lowrank.weight().double(), U @ U.T @ target.float().double(), rtol=0, atol=1e-5)
+        loss = ((target.float().double() - lowrank.weight().double()) @ x).norm()
+        assert torch.isclose(loss, best_loss(target.float().double(), x, rank), rtol=1e-5)
+
+
 def test_eora_equals_svd_llm_on_a_well_conditioned_gram():
     weight = randn(12, 8, seed=2)
     x = mild_inputs(8, 40, seed=3)
