@@ -98,9 +98,10 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
     check_finite(hidden, "the calibration inputs of the first block")
     learner = LearnedQuantizer(recipe.quantize, len(blocks), state.pending) \
         if isinstance(recipe.quantize, LearnedConfig) else None
-    if not (cross or learner) and len(fp_hidden) > REFERENCE_WINDOWS:
+    if not (cross or learner) and len(hidden) > REFERENCE_WINDOWS:
         # the full-precision stream only measures the block output error here: a few windows estimate it, at a
-        # fraction of a forward pass per block (a quarter of a GPTQ run's forwards on SmolLM2)
+        # fraction of a forward pass per block (a quarter of a GPTQ run's forwards on SmolLM2); a resumed run's
+        # checkpointed stream holds those windows already
         fp_hidden = fp_hidden[:REFERENCE_WINDOWS]
         notes.append(f"block output errors measured on the first {REFERENCE_WINDOWS} calibration windows"
                      + (" of each rank" if world.size > 1 else ""))

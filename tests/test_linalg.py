@@ -5,7 +5,7 @@ import torch
 from calibration import Statistics
 from compress.factorize.eora import eigenspace_lowrank
 from compress.factorize.svd_llm import SVDLLM, factorize_svd_llm
-from compress.linalg import (cholesky_, eigh_, gram_dtypes, lapack_threads, output_error, reverse_,
+from compress.linalg import (cholesky_, eigh_, gram_dtypes, lapack_threads, nonfinite_count, output_error, reverse_,
                              symmetrize_, top_left_singular, triangular_inverse_)
 from compress.quantize.gptq import inverse_hessian_factor
 from kernels.grid import WORD, pack, unpack
@@ -199,3 +199,11 @@ def test_float32_eora_factors_stay_as_small_as_float64s_when_the_inputs_fill_a_s
         assert abs(b.abs().max() / a.abs().max() - 1) < 0.01
     errors = [output_error(weight, lowrank.weight(), gram) for lowrank in (wide, narrow)]
     assert abs(errors[1] / errors[0] - 1) < 1e-5
+
+
+def test_nonfinite_count_counts_every_nan_and_inf_and_no_overflowing_sum():
+    matrix = torch.full((3000, 7), 3e38)  # finite entries whose sum overflows float32: counted entry by entry
+    assert nonfinite_count(matrix, rows=1024) == 0
+    matrix[5, 2], matrix[2500, 0], matrix[2999, 6] = float("nan"), float("inf"), -float("inf")
+    assert nonfinite_count(matrix, rows=1024) == 3
+    assert nonfinite_count(torch.ones(10, dtype=torch.float64)) == 0
