@@ -65,7 +65,9 @@ def architecture(model: nn.Module) -> Architecture:
         raise CompressError(f"{type(model).__name__} has no decoder blocks at '{entry.blocks}' "
                             f"(compress/architectures.py, model type '{model_type}')") from None
     linears = {name for name, module in blocks[0].named_modules() if isinstance(module, (nn.Linear, CompressedLinear))}
-    missing = [name for name in entry.linears if name not in linears]
+    modules = {name for name, _ in blocks[0].named_modules()}
+    missing = [name for name in entry.linears if name not in linears] + \
+        [name for name in entry.sublayers if name not in modules]
     unknown = sorted(linears - set(entry.linears))
     if missing or unknown:
         raise CompressError(f"the blocks of {type(model).__name__} do not match compress/architectures.py's entry for "

@@ -99,6 +99,12 @@ def test_a_model_that_does_not_match_its_entry_is_refused():
     model.model.layers[0].mlp.extra = torch.nn.Linear(4, 4)
     with pytest.raises(CompressError, match=r"missing none, not listed \['mlp.extra'\]"):
         architecture(model)
+    renamed = tiny("llama", 256)
+    for block in renamed.model.layers:  # the attention under another name: its linears and the sublayer go missing
+        block.attention = block.self_attn
+        del block.self_attn
+    with pytest.raises(CompressError, match=r"missing \['self_attn.q_proj'.*'self_attn'\]"):
+        architecture(renamed)
 
 
 def test_lorap_is_refused_for_fused_projections():
