@@ -12,5 +12,5 @@ from calibration.capture import (
 )
 from calibration.data import load_text, sample_windows
 
-__all__ = ["GramAccumulator", "Replays", "Statistics", "block_linears", "capture_block_inputs", "find_blocks", "group_statistics",
-           "load_text", "record_grams", "run_block", "sample_windows", "swapped"]
+__all__ = ["GramAccumulator", "Replays", "Statistics", "block_linears", "capture_block_inputs", "find_blocks",
+           "group_statistics", "load_text", "record_grams", "run_block", "sample_windows", "swapped"]

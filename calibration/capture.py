@@ -164,9 +164,8 @@ def group_statistics(block: nn.Module, groups: list[tuple[str, ...]], hidden: to
     that stream, and `fp_outputs` returns the block's full-precision outputs (else None); without `cross` it may
     hold only the first windows (outputs for those). A run stops once the last group's input is seen unless its
     output is needed. The streams may live elsewhere (CPU, half precision) than the block: each batch visits the
-    block's device. `product_dtype`: see GramAccumulator; `gram_dtypes`:
-    {a group's first linear: the dtype of its Gram} where not float64. `replays`: sublayers replayed on the
-    compressed stream (see Replays).
+    block's device. `product_dtype`: see GramAccumulator; `gram_dtypes`: {a group's first linear: the dtype of its
+    Gram} where not float64. `replays`: modules replayed on the compressed stream (see Replays).
     """
     device = block_device(block)
     firsts = [group[0] for group in groups]

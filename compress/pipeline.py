@@ -221,7 +221,8 @@ def final_modules(arch: Architecture, block: nn.Module, names: list[str], prefix
     then of its compressed linears (local names; `solved`: the full names of the compressed ones): what Replays
     may replay from now on."""
     pending = {name[len(prefix) + 1:] for name in names if name not in solved}
-    sublayers = {sub: hidden_size for sub in arch.sublayers if not any(local.startswith(sub + ".") for local in pending)}
+    sublayers = {sub: hidden_size for sub in arch.sublayers
+                 if not any(local.startswith(sub + ".") for local in pending)}
     done = [name[len(prefix) + 1:] for name in names if name in solved]
     return sublayers | {local: block.get_submodule(local).out_features for local in done}
 
