@@ -215,8 +215,9 @@ def _through_until_stop(block: nn.Module, batch: torch.Tensor, block_kwargs: dic
 
 
 def block_parameter(block: nn.Module) -> torch.Tensor:
-    """A floating parameter of the block: where and in which dtype it computes."""
-    return next(p for p in block.parameters() if p.is_floating_point())
+    """A floating parameter of the block of its widest dtype: where and in which dtype it computes (a streamed
+    block keeps its linears' weights in 16 bits and computes in its norms' float32)."""
+    return max((p for p in block.parameters() if p.is_floating_point()), key=lambda p: p.element_size())
 
 
 def block_device(block: nn.Module) -> torch.device:

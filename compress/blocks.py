@@ -19,7 +19,8 @@ from calibration import capture_block_inputs
 from compress.architectures import Architecture
 from compress.distributed import World, least
 from compress.layer import CompressedLinear
-from compress.streaming import Checkpoints, Shards, file_entry, fingerprint, shard_name, write_atomic
+from compress.streaming import (HALF_DTYPES, Checkpoints, Shards, file_entry, fingerprint, shard_name,
+                               write_atomic)
 from kernels.grid import QuantizedWeight
 
 
@@ -65,6 +66,15 @@ class InMemoryBlocks:
 
     def restore(self, model: nn.Module, index: int) -> dict:
         raise RuntimeError("a model in memory has no finished blocks to restore")
+
+
+class StoredLinear(nn.Linear):
+    """A linear whose weight stays in the checkpoint's 16-bit dtype and computes in its input's: the upcast is exact,
+    so the numbers are those of a float32 copy, at half its memory (a 405B block: 5.9 GiB instead of 11.9)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
 class StreamedBlocks:
@@ -143,10 +153,18 @@ class StreamedBlocks:
             set_module_tensor_to_device(model, key, "meta")
 
     def load(self, model: nn.Module, arch: Architecture, indices: range) -> None:
+        """Fill the blocks: the linears' weights as stored when 16-bit (StoredLinear), the rest in float32."""
         blocks = model.get_submodule(arch.blocks)
         for index in indices:
-            if any(t.is_meta for t in blocks[index].state_dict().values()):
-                self.shards.fill(blocks[index], f"{arch.blocks}.{index}.", torch.float32, self.device)
+            block = blocks[index]
+            if not any(t.is_meta for t in block.state_dict().values()):
+                continue
+            linears = {name: module for name, module in block.named_modules() if type(module) in (nn.Linear,
+                                                                                                   StoredLinear)}
+            self.shards.fill(block, f"{arch.blocks}.{index}.", torch.float32, self.device,
+                             stored=frozenset(f"{name}.weight" for name in linears))
+            for module in linears.values():
+                module.__class__ = StoredLinear if module.weight.dtype in HALF_DTYPES else nn.Linear
 
     def finish(self, model: nn.Module, arch: Architecture, index: int, record: dict, hidden: torch.Tensor,
                fp_hidden: torch.Tensor, pending: dict[int, dict[str, QuantizedWeight]]) -> None:

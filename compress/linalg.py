@@ -186,6 +186,61 @@ def reverse_(matrix: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     return matrix
 
 
+def spill_needed(matrix: torch.Tensor, memory: int) -> bool:
+    """Whether a CPU (n, n) matrix and one working copy of it would take more than half of `memory` (the rule of
+    `gram_dtypes`): then the working copy is made in the matrix's own memory while it waits on disk (Spill)."""
+    return matrix.device.type == "cpu" and 2 * matrix.numel() * matrix.element_size() > memory // 2
+
+
+class Spill:
+    """A contiguous CPU matrix lent out: its values wait in a temporary file while its memory holds something else
+    (GPTQ's inverse Hessian factor of a 405B down_proj, whose float32 Gram is 10.6 GiB), and come back in place.
+
+    The file is read with pread, not mapped: mapped pages would count in the process's resident memory."""
+
+    CHUNK = 1 << 26  # bytes per write or read
+
+    def __init__(self, matrix: torch.Tensor, directory: str | Path | None = None):
+        import tempfile
+
+        if matrix.device.type != "cpu" or not matrix.is_contiguous():
+            raise ValueError("Spill: the matrix must be a contiguous CPU tensor")
+        self.matrix = matrix
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.bytes = memoryview(matrix.detach().view(-1).view(torch.uint8).numpy())
+        for start in range(0, len(self.bytes), self.CHUNK):
+            self.file.write(self.bytes[start:start + self.CHUNK])
+        self.file.flush()
+
+    def gathered(self, order: torch.Tensor, rows: int = 256) -> torch.Tensor:
+        """The matrix's values as matrix[order][:, order], written into its own memory, `rows` rows at a time."""
+        n = len(self.matrix)
+        row_bytes = n * self.matrix.element_size()
+        buffer = torch.empty(rows, n, dtype=self.matrix.dtype)
+        view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
+        for start in range(0, n, rows):
+            chosen = order[start:start + rows].tolist()
+            for slot, row in enumerate(chosen):
+                self._read(view[slot * row_bytes:(slot + 1) * row_bytes], row * row_bytes)
+            self.matrix[start:start + len(chosen)] = buffer[:len(chosen), order]
+        return self.matrix
+
+    def restore(self) -> torch.Tensor:
+        """The matrix's own values back in its memory; the file is closed."""
+        for start in range(0, len(self.bytes), self.CHUNK):
+            self._read(self.bytes[start:start + self.CHUNK], start)
+        self.file.close()
+        return self.matrix
+
+    def _read(self, into: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(into):
+            count = os.preadv(self.file.fileno(), [into[done:]], offset + done)
+            if count <= 0:
+                raise OSError("Spill: the temporary file ended early")
+            done += count
+
+
 def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """eigh of a symmetric float32/float64 matrix with one (n, n) allocation, the eigenvectors: (eigenvalues
     ascending, Q).

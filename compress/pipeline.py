@@ -116,6 +116,7 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         kept, originals = prune_mlp(block, arch, hidden, block_kwargs, 1 - recipe.factorize.rank_budget, world) \
             if plan.prune else (None, {})
         layers, fp_next, device = {}, None, block_device(block)
+        dense = kernel == "reference"  # compressed layers keep dequantized copies while the block is calibrated
         replays = Replays(hidden.shape[0] * hidden.shape[1], memory / REPLAY_SHARE) \
             if recipe.true_sequential else None
         for step, groups in enumerate(capture_steps(arch, targets[index], prefix, recipe.true_sequential)):
@@ -124,14 +125,15 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
             # the first capture runs the block as it came (its full-precision outputs); later ones see earlier
             # groups compressed, and for SAES's cross term run the full-precision stream with `originals` back
             dtypes = step_gram_dtypes(recipe.gram_dtype, block, groups, 2 if cross else 1, working, memory)
+            if dense and torch.float32 in dtypes.values():  # memory is tight: from here on the compressed layers
+                dense = False                                # dequantize on every call (70B's: 2.3 GiB of copies)
+                keep_dense_copies(block, False)
             statistics, fp_out = group_statistics(block, groups, hidden, block_kwargs, fp_hidden if step == 0 or cross
                                                   else None, cross, fp_outputs=step == 0, originals=originals,
                                                   product_dtype=product_dtype, gram_dtypes=dtypes, replays=replays)
             shared = {id(t): t for found in statistics.values() for t in (found.gram, found.cross) if t is not None}
             distributed.sum_(list(shared.values()), world)  # once each: the linears of a group share one Gram
             del shared  # each Gram is freed once its group's layers are solved
-            if torch.float32 in dtypes.values():  # memory is tight: the dense copies of the layers compressed so far
-                drop_dense_copies(block)          # (2.3 GiB in a 70B block by down_proj) come back at the next pass
             if step == 0:
                 fp_next = fp_out
                 given = bases or (learner.learn(blocks, targets, index, hidden, fp_out, block_kwargs, arch.blocks)
@@ -165,16 +167,14 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
                 layers[name] = record
                 if cross:
                     originals.setdefault(local, linear)
-                if kernel == "reference":  # the later captures and the block's outputs run through it several times
+                if dense:  # the later captures and the block's outputs run through it several times
                     layer.keep_dense()
                 block.set_submodule(local, layer)
         if fp_next is None:  # nothing targeted in this block: both streams run through it as it is
             fp_next = run_block(block, fp_hidden, block_kwargs)
         hidden, fp_hidden = run_block(block, hidden, block_kwargs, replays=replays), fp_next
         del replays
-        for layer in block.modules():
-            if isinstance(layer, CompressedLinear):
-                layer.keep_dense(False)
+        keep_dense_copies(block, False)
         check_finite(hidden, f"the outputs of block {index} on the calibration windows")
         record = {"layers": {name: r.to_dict() for name, r in layers.items()},
                   "block_output_error": stream_error(hidden, fp_hidden, world=world),
@@ -217,12 +217,12 @@ def step_gram_dtypes(choice: str, block: nn.Module, groups: list[tuple[str, ...]
     return gram_dtypes(widths, per_gram, working, memory)
 
 
-def drop_dense_copies(block: nn.Module) -> None:
-    """Free the dequantized copies that the block's compressed layers keep (CompressedLinear.keep_dense); they are
-    made again on their next forward."""
+def keep_dense_copies(block: nn.Module, keep: bool) -> None:
+    """Whether the block's compressed layers keep dequantized copies of their parts (CompressedLinear.keep_dense):
+    False frees those they hold."""
     for layer in block.modules():
-        if isinstance(layer, CompressedLinear) and layer.dense_operands:
-            layer.keep_dense()
+        if isinstance(layer, CompressedLinear):
+            layer.keep_dense(keep)
 
 
 def final_modules(arch: Architecture, block: nn.Module, names: list[str], prefix: str, solved: dict,

@@ -27,6 +27,7 @@ from compress.formats.native import sha256
 INDEX = "model.safetensors.index.json"
 RUN = "run.json"
 START_OVER = "run without --resume but with --overwrite to start over"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Shards:
@@ -69,17 +70,18 @@ class Shards:
         return tensors
 
     def fill(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str,
-             keys: list[str] | None = None) -> None:
+             keys: list[str] | None = None, stored: frozenset[str] = frozenset()) -> None:
         """Give the (meta) parameters and persistent buffers of `module` (or only `keys`) their tensors
-        `prefix.key` from the shards."""
+        `prefix.key` from the shards, in `dtype`; those in `stored` stay as stored when that is 16-bit."""
         from accelerate.utils import set_module_tensor_to_device
 
         keys = list(module.state_dict()) if keys is None else keys
         tensors = self.read([f"{prefix}{key}" for key in keys])
         for key in keys:
             tensor = tensors.pop(f"{prefix}{key}")
+            cast = tensor.dtype if key in stored and tensor.dtype in HALF_DTYPES else dtype
             set_module_tensor_to_device(module, key, device, value=tensor,
-                                        dtype=dtype if tensor.is_floating_point() else None)
+                                        dtype=cast if tensor.is_floating_point() else None)
 
 
 def has_shards(directory: str | Path) -> bool:

@@ -14,6 +14,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 WORD = 32  # values are packed in runs of 32, each run into `bits` int32 words
 
 
+DEQUANTIZE_BYTES = 1 << 26  # a block of rows dequantized at once: about 64 MiB of float32
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """Packed b-bit integers of a (rows, cols) weight with per-group scales (and zeros when asymmetric).
@@ -47,7 +50,24 @@ class QuantizedWeight:
         return unpack(self.qweight, self.bits, self.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.ints(), self.scales, self.zeros(), self.group_size, self.g_idx).to(dtype)
+        """The dense (rows, cols) weight, made a block of rows at a time: whole, the int and float temporaries of a
+        405B MLP weight would be four times its 3.25 GiB."""
+        rows, cols = self.shape
+        out = torch.empty(rows, cols, dtype=dtype, device=self.qweight.device)
+        for start, block in self.row_blocks(dtype):
+            out[start:start + len(block)] = block
+        return out
+
+    def row_blocks(self, dtype: torch.dtype = torch.float32, rows: int | None = None):
+        """(first row, the dense rows from there) for blocks of `rows` rows (default: DEQUANTIZE_BYTES of float32)."""
+        total, cols = self.shape
+        rows = rows or max(1, DEQUANTIZE_BYTES // (4 * cols))
+        zeros = self.zeros()
+        for start in range(0, total, rows):
+            end = min(start + rows, total)
+            ints = unpack(self.qweight[start:end], self.bits, cols)
+            yield start, dequantize(ints, self.scales[start:end], zeros[start:end], self.group_size,
+                                    self.g_idx).to(dtype)
 
     def stored_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())

@@ -7,6 +7,7 @@ import torch
 from kernels.grid import QuantizedWeight, dequantize, quantize_ints
 
 Operand = torch.Tensor | QuantizedWeight | None
+LARGE_BYTES = 1 << 30  # a quantized base whose dense copy would be larger is multiplied a block of rows at a time
 
 
 def materialize(operand: Operand, dtype: torch.dtype) -> torch.Tensor | None:
@@ -21,8 +22,13 @@ def materialize(operand: Operand, dtype: torch.dtype) -> torch.Tensor | None:
 def lowrank_linear_reference(x: torch.Tensor, base: Operand, up: Operand, down: Operand,
                              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) -> (..., out). `base` (out, in), `up` (out, r), `down` (r, in); each dense, quantized or absent."""
-    base_w, up_w, down_w = (materialize(t, x.dtype) for t in (base, up, down))
+    large = isinstance(base, QuantizedWeight) and base.shape[0] * base.shape[1] * x.element_size() > LARGE_BYTES
+    base_w, up_w, down_w = (materialize(t, x.dtype) for t in (None if large else base, up, down))
     y = None
+    if large:  # a block of the weight's rows at a time: no dense copy of it (a 405B MLP weight: 3.25 GiB)
+        y = x.new_empty(*x.shape[:-1], base.shape[0])
+        for start, rows in base.row_blocks(x.dtype, max(1, LARGE_BYTES // 4 // (base.shape[1] * x.element_size()))):
+            y[..., start:start + len(rows)] = x @ rows.T
     if base_w is not None:
         y = x @ base_w.T
     if up_w is not None:

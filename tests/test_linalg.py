@@ -5,8 +5,8 @@ import torch
 from calibration import Statistics
 from compress.factorize.eora import eigenspace_lowrank
 from compress.factorize.svd_llm import SVDLLM, factorize_svd_llm
-from compress.linalg import (cholesky_, eigh_, gram_dtypes, lapack_threads, nonfinite_count, output_error, reverse_,
-                             symmetrize_, top_left_singular, triangular_inverse_)
+from compress.linalg import (Spill, cholesky_, eigh_, gram_dtypes, lapack_threads, nonfinite_count, output_error,
+                             reverse_, spill_needed, symmetrize_, top_left_singular, triangular_inverse_)
 from compress.quantize.gptq import inverse_hessian_factor
 from kernels.grid import WORD, pack, unpack
 from tests.factorize.test_svd_llm import correlated_inputs
@@ -207,3 +207,20 @@ def test_nonfinite_count_counts_every_nan_and_inf_and_no_overflowing_sum():
     matrix[5, 2], matrix[2500, 0], matrix[2999, 6] = float("nan"), float("inf"), -float("inf")
     assert nonfinite_count(matrix, rows=1024) == 3
     assert nonfinite_count(torch.ones(10, dtype=torch.float64)) == 0
+
+
+def test_a_spilled_matrix_gathers_any_order_and_restores_its_bits():
+    matrix = torch.randn(300, 300, dtype=torch.float64)
+    saved, order = matrix.clone(), torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    spill = Spill(matrix)
+    assert spill.gathered(order, rows=7) is matrix  # written into the matrix's own memory
+    assert torch.equal(matrix, saved[order][:, order])
+    assert torch.equal(spill.gathered(order.flip(0), rows=300), saved[order.flip(0)][:, order.flip(0)])
+    assert torch.equal(spill.restore(), saved) and torch.equal(matrix, saved)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        Spill(saved.T)
+
+
+def test_spill_is_needed_when_a_matrix_and_its_copy_pass_half_the_memory():
+    matrix = torch.zeros(1000, 1000)  # 4 MB; with a copy 8 MB
+    assert spill_needed(matrix, 15_999_999) and not spill_needed(matrix, 16_000_000)

@@ -437,21 +437,31 @@ def test_a_method_that_reads_no_full_precision_stream_keeps_a_few_windows_of_it(
 @pytest.mark.parametrize("gram_dtype", ["float64", "float32"])
 def test_dense_copies_are_dropped_while_a_float32_step_solves(tiny_model_dir, monkeypatch, gram_dtype):
     """Float32 Grams mean memory is tight: the dequantized copies that the block's compressed layers keep for the
-    capture passes are freed before the step's layers are solved (a 70B block's are 2.3 GiB by down_proj)."""
-    kept, original = [], pipeline.compress_linear
+    capture passes are freed before the step's capture pass and not made again in that block (a 70B block's are
+    2.3 GiB by down_proj)."""
+    kept, captured, original, original_capture = [], [], pipeline.compress_linear, pipeline.group_statistics
+
+    def copies() -> int:
+        return sum(bool(layer.dense_operands) for layer in model.modules() if isinstance(layer, CompressedLinear))
 
     def spy(name, linear, statistics, *args, **kwargs):
-        kept.append(sum(bool(layer.dense_operands) for layer in model.modules() if isinstance(layer, CompressedLinear)))
+        kept.append(copies())
         return original(name, linear, statistics, *args, **kwargs)
 
+    def spy_capture(*args, **kwargs):
+        result = original_capture(*args, **kwargs)
+        captured.append(copies())
+        return result
+
     monkeypatch.setattr(pipeline, "compress_linear", spy)
+    monkeypatch.setattr(pipeline, "group_statistics", spy_capture)
     model, _, _ = load_model(str(tiny_model_dir))
     ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(5))
     result = compress_model(model, Recipe(quantize=GPTQ(bits=4, group_size=32), gram_dtype=gram_dtype), calib=ids,
                             progress=False)
-    assert len(kept) == 14
+    assert len(kept) == 14 and len(captured) == 8
     if gram_dtype == "float32":
-        assert kept == [0] * 14
+        assert kept == [0] * 14 and captured == [0] * 8
     else:  # o_proj's solve follows a capture pass through the compressed q, k, v, which then keep their copies
-        assert max(kept) > 0
+        assert max(kept) > 0 and captured[1] > 0
     assert all(entry.get("gram_dtype", "float64") == gram_dtype for entry in result.report["layers"].values())

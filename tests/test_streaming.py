@@ -295,3 +295,30 @@ def test_the_block_error_is_computed_window_by_window():
     hidden = (fp_hidden.float() + 0.01 * torch.randn(21, 16, 32, generator=g)).half()
     expected = ((hidden.float() - fp_hidden.float()).norm() / fp_hidden.float().norm()).item()
     assert stream_error(hidden, fp_hidden, windows=4) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_16_bit_checkpoint_streams_its_linears_in_16_bits_with_float32_results(tmp_path, demo_tokenizer,
+                                                                                   monkeypatch):
+    """A bf16 checkpoint's linears stay bf16 in the streamed block (half a float32 copy's memory) and compute by an
+    exact upcast: the files equal those of the model compressed in memory in float32."""
+    import compress.pipeline as pipeline
+
+    path = tmp_path / "bf16"
+    tiny_llama(vocab_size=len(demo_tokenizer)).to(torch.bfloat16).save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    recipe = Recipe(quantize=GPTQ(bits=4, group_size=32), calibration=CALIBRATION)
+    in_memory = compress_model(str(path), recipe, progress=False)
+    save_compressed(in_memory, tmp_path / "memory")
+    dtypes, original = [], pipeline.compress_linear
+
+    def spy(name, linear, *args, **kwargs):
+        dtypes.append(linear.weight.dtype)
+        return original(name, linear, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress_linear", spy)
+    streamed = compress_to_directory(str(path), recipe, tmp_path / "stream", progress=False)
+    assert len(dtypes) == 14 and set(dtypes) == {torch.bfloat16}
+    expected = load_compressed(tmp_path / "memory").state_dict()
+    got = load_compressed(tmp_path / "stream").state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    assert streamed.report["layers"] == in_memory.report["layers"]

@@ -36,7 +36,8 @@ import torch
 
 import kernels
 from compress.errors import CompressError
-from compress.linalg import cholesky_, nonfinite_count, precision, reverse_, triangular_inverse_
+from compress.linalg import (Spill, cholesky_, memory_bytes, nonfinite_count, precision, reverse_, spill_needed,
+                             triangular_inverse_)
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
 
@@ -105,7 +106,7 @@ class GPTQResult:
     scales: torch.Tensor
     zeros: torch.Tensor
     g_idx: torch.Tensor
-    dequantized: torch.Tensor
+    dequantized: torch.Tensor | None
     info: GPTQInfo
     updated: torch.Tensor | None = None
 
@@ -122,15 +123,19 @@ def column_order(gram: torch.Tensor, act_order: bool,
 
 
 def working_hessian(gram: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, dtype: torch.dtype,
-                    device: torch.device | str, reverse: bool = False) -> torch.Tensor:
+                    device: torch.device | str, reverse: bool = False, spill: Spill | None = None) -> torch.Tensor:
     """A fresh working copy of H in processing order (one gather when permuted), its dead diagonal (`dead` in
-    processing order) set to 1; with `reverse`, in the reverse of that order (the same one gather)."""
+    processing order) set to 1; with `reverse`, in the reverse of that order (the same one gather). With `spill`
+    (the Gram lent out), the copy is made in the Gram's own memory from its file."""
     source = gram.to(device)
     order = perm
-    if reverse:
-        order = (perm if perm is not None else torch.arange(len(gram), device=source.device)).flip(0)
-        dead = dead.flip(0)
-    hessian = source[order[:, None], order].to(dtype) if order is not None else source.to(dtype, copy=True)
+    if reverse or spill is not None:
+        order = perm if perm is not None else torch.arange(len(gram), device=source.device)
+        order, dead = (order.flip(0), dead.flip(0)) if reverse else (order, dead)
+    if spill is not None:
+        hessian = spill.gathered(order.cpu())
+    else:
+        hessian = source[order[:, None], order].to(dtype) if order is not None else source.to(dtype, copy=True)
     hessian.diagonal()[dead] = 1
     return hessian
 
@@ -166,14 +171,18 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
 def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
              act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
              block_size: int = 128, clip: str = "minmax", cross: torch.Tensor | None = None,
-             alpha: float = 1.0, keep_updated: bool = False) -> GPTQResult:
+             alpha: float = 1.0, keep_updated: bool = False, spill: bool | None = None,
+             dequantized: bool = True) -> GPTQResult:
     """GPTQ of weight (out, in) against gram (in, in) = sum x x^T; `group_size` must divide `in`.
 
     cross (in, in) = sum (x_fp - x) x^T: GPTAQ's asymmetric objective ||W X_fp - Q X||^2, solved as GPTQ on the
     least-squares target W* = W + alpha W cross (H + lambda I)^-1 (alpha 1: exactly that objective up to a constant).
     Returns the unpacked result in the original column order; `quantize_gptq` packs it. Besides the Gram, the inverse
     Hessian factor and W (which takes Q's values as the loop passes), it holds the uint8 ints: a 405B down_proj's
-    float32 W is 3.25 GiB, and every (out, in) array spared counts.
+    float32 W is 3.25 GiB, and every (out, in) array spared counts. Where the Gram and the factor would take more
+    than half of the memory (compress.linalg.spill_needed; `spill` forces either way), the Gram waits in a temporary
+    file while the factor takes its memory, and is back, unchanged, on return: the same results, one (n, n) matrix.
+    dequantized=False leaves the result's dense Q out (None): unpermuting it would copy it.
     """
     rows, cols = weight.shape
     if gram.shape != (cols, cols):
@@ -186,23 +195,42 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         raise ValueError(f"GPTQ: damp must be >= 0 and block_size > 0, got damp={damp}, block_size={block_size}")
     if nonfinite_count(gram):
         raise ValueError("GPTQ: the gram matrix has non-finite entries (NaN or inf in the calibration statistics)")
-    W = weight.to(precision(gram), copy=True)  # float64, or float32 where the Gram was kept in float32
+    if spill is None:
+        spill = gram.dtype in (torch.float32, torch.float64) and spill_needed(gram, memory_bytes(gram.device))
+    lent = Spill(gram) if spill else None
+    try:
+        result = _run_gptq(weight, gram, lent, bits, group_size, symmetric, act_order, static_groups, damp,
+                           block_size, clip, cross, alpha, keep_updated, dequantized)
+    finally:
+        if lent is not None:
+            lent.restore()
+    return result
 
+
+def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits: int, group_size: int,
+              symmetric: bool, act_order: bool, static_groups: bool, damp: float, block_size: int, clip: str,
+              cross: torch.Tensor | None, alpha: float, keep_updated: bool, dequantized: bool) -> GPTQResult:
+    rows, cols = weight.shape
+    groups = cols // group_size
+    # float32 as the loop runs; GPTAQ's shift is computed in the Gram's precision
+    W = weight.to(torch.float32 if cross is None or not alpha else precision(gram), copy=True)
     perm, dead = column_order(gram, act_order, W.device)
     W[:, dead] = 0
-
-    groups = cols // group_size
-    if act_order:
-        W, dead = W[:, perm], dead[perm]
+    if act_order:  # in place, a block of rows at a time: no second (out, in) copy
+        for part in W.split(4096):
+            part.copy_(part[:, perm])
+        dead = dead[perm]
 
     Hinv, damp_used, damp_raised = inverse_hessian_factor(
-        lambda: working_hessian(gram, perm, dead, W.dtype, W.device, reverse=True), damp)
+        lambda: working_hessian(gram, perm, dead, precision(gram), W.device, reverse=True, spill=lent), damp)
     if cross is not None and alpha:
         W += alpha * asymmetric_shift(W, cross.to(W.device), perm, dead, Hinv)
     W, Hinv = W.float(), Hinv.float()
-    if static_groups:  # on the weight the loop starts from, in the original column order
-        static_scales, static_zeros = find_params(W if perm is None else W[:, torch.argsort(perm)], bits, group_size,
-                                                  symmetric, clip)
+    if static_groups:  # on the weight the loop starts from, in the original column order, a block of rows at a time
+        invperm = None if perm is None else torch.argsort(perm)
+        grids = [find_params(part if invperm is None else part[:, invperm], bits, group_size, symmetric, clip)
+                 for part in W.split(4096)]
+        static_scales, static_zeros = (torch.cat(parts) for parts in zip(*grids))
     if not act_order:
         perm = torch.arange(cols, device=W.device)
 
@@ -237,10 +265,10 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     del Hinv
 
     g_idx = torch.arange(cols, device=W.device) // group_size
-    Q, W = W, None  # W's storage is Q's now
+    Q, W = W if dequantized else None, None  # W's storage is Q's now
     if act_order:
         invperm = torch.argsort(perm)
-        ints, Q = ints[:, invperm], Q[:, invperm]
+        ints, Q = ints[:, invperm], None if Q is None else Q[:, invperm]
         updated = None if updated is None else updated[:, invperm]
         if not static_groups:
             g_idx = invperm // group_size  # original column j was processed at position invperm[j]
@@ -269,9 +297,9 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, config: GPTQ, block_
     is one group per row. A failing GPTQ (broken statistics) raises ValueError.
     """
     asymmetric = isinstance(config, GPTAQ) and cross is not None
-    result = run_gptq(weight.float(), gram, config.bits, config.group_size, config.symmetric, config.act_order,
+    result = run_gptq(weight, gram, config.bits, config.group_size, config.symmetric, config.act_order,
                       config.static_groups, config.damp, block_size, config.clip, cross if asymmetric else None,
-                      config.alpha if asymmetric else 0.0)
+                      config.alpha if asymmetric else 0.0, dequantized=False)
     quantized = make_quantized(result.ints, result.scales, result.zeros, config.bits, config.symmetric,
                                result.info.g_idx)
     return Quantization(quantized, result.info.damp, result.info.damp_raised)

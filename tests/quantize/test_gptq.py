@@ -198,3 +198,26 @@ def test_gptaq_fits_the_full_precision_outputs_better(bits):
 def test_gptaq_alpha_is_checked():
     with pytest.raises(CompressError, match="alpha must be in"):
         GPTAQ(alpha=1.5)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_lent_gram_gives_the_same_bits_and_comes_back_unchanged(act_order, dtype):
+    """With the Gram spilled to a file (the factor built in its memory, as for a 405B down_proj), GPTQ gives the
+    same ints, grid and loss as with a separate copy, and the Gram holds its own values again afterwards; also after
+    a failed Cholesky made it rebuild the factor with more damping, and after a bf16 weight."""
+    weight, gram = problem(rows=32, cols=128, tokens=96)  # 96 tokens < 128 columns: damping decides, as when wide
+    gram = gram.to(dtype)
+    gram[7] = gram[:, 7] = 0  # a dead input
+    eigenvalues, vectors = torch.linalg.eigh(gram.double())
+    broken = (gram.double() + (-0.05 * gram.diagonal().mean() - eigenvalues[0]) * vectors[:, :1] @ vectors[:, :1].T)
+    for matrix in (gram, broken.to(dtype)):
+        for w in (weight, weight.bfloat16()):
+            saved = matrix.clone()
+            kept = run_gptq(w, matrix, 3, 32, symmetric=False, act_order=act_order, spill=False)
+            lent = run_gptq(w, matrix, 3, 32, symmetric=False, act_order=act_order, spill=True)
+            assert torch.equal(matrix, saved)
+            assert torch.equal(kept.ints, lent.ints) and torch.equal(kept.scales, lent.scales)
+            assert torch.equal(kept.zeros, lent.zeros) and torch.equal(kept.g_idx, lent.g_idx)
+            assert (kept.info.loss, kept.info.damp) == (lent.info.loss, lent.info.damp)
+    assert run_gptq(weight, broken.to(dtype), 3, 32, symmetric=False, spill=True).info.damp_raised
