@@ -114,16 +114,18 @@ def _lapack(matrix: torch.Tensor) -> np.ndarray | None:
     return matrix.detach().numpy().T
 
 
-# scipy's OpenBLAS (0.3.30) crashes (SIGSEGV) in its threaded spotrf at n = 28672 (a 70B down_proj), measured here
-# with 2 threads; 24000 passed, and one thread passes at 28672. Wider matrices are factored on one thread.
-THREADED_LAPACK_MAX = 16384
+# scipy's OpenBLAS (0.3.30) crashes (SIGSEGV) in its threaded Cholesky of large matrices, measured here with 2
+# threads: dpotrf at n = 16000 and 16384 (a 405B q_proj's float64 Gram, 2 GiB), spotrf at 28672 (a 70B down_proj);
+# dpotrf passed at 12288 and 14336 (an 8B down_proj, 1.53 GiB). One thread passes at every size. Larger matrices
+# are factored on one thread.
+THREADED_LAPACK_BYTES = 7 << 28  # 1.75 GiB
 
 
 @contextmanager
-def lapack_threads(n: int = 0):
-    """Within the context, scipy's BLAS/LAPACK runs on torch's thread count (threadpoolctl); on one thread for an
-    (n, n) matrix wider than THREADED_LAPACK_MAX."""
-    threads = 1 if n > THREADED_LAPACK_MAX else torch.get_num_threads()
+def lapack_threads(nbytes: int = 0):
+    """Within the context, scipy's BLAS/LAPACK runs on torch's thread count (threadpoolctl); on one thread for a
+    matrix of more than THREADED_LAPACK_BYTES."""
+    threads = 1 if nbytes > THREADED_LAPACK_BYTES else torch.get_num_threads()
     with _threadpools().limit(limits=threads, user_api="blas"):
         yield
 
@@ -143,7 +145,7 @@ def _lapack_call(name: str, view: np.ndarray, *args, **kwargs):
     import scipy.linalg  # here, not at the top: the CUDA path needs no scipy (the GPU machines may lack it)
 
     (function,) = scipy.linalg.lapack.get_lapack_funcs((name,), (view,))
-    with lapack_threads(len(view)):
+    with lapack_threads(view.nbytes):
         return function(view, *args, **kwargs)
 
 
@@ -262,7 +264,7 @@ def eigh_(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     import scipy.linalg
 
     diagonal = matrix.diagonal().clone()
-    with lapack_threads(len(view)):
+    with lapack_threads(view.nbytes):
         eigenvalues, vectors = scipy.linalg.eigh(view, driver="evr", lower=True, overwrite_a=True, check_finite=False)
     symmetrize_(matrix).diagonal().copy_(diagonal)
     return torch.from_numpy(eigenvalues), torch.from_numpy(vectors)
