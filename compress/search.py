@@ -58,6 +58,7 @@ COMPENSATE_RANKS = (16, 32, 64)
 FACTOR_SHARES = (1 / 8, 1 / 4, 1 / 2)
 FACTOR_BITS = (8,)
 FACTORIZE = SVDLLM()  # the factorization of factorized forms: data-aware truncation, what their costs assume
+RANGE_ITERATIONS = 2  # eora_residuals' subspace iterations where it finds the top directions alone
 SAMPLED_ROWS = 64  # rows of a larger layer on which a form's output error is measured (evenly spaced)
 PLAN_TOKENS = 2048  # calibration tokens the plan reads (whole windows, at least one)
 UNITS = 1 << 17  # budget steps of the knapsack: the bits lost to rounding are at most one step per layer
@@ -191,7 +192,7 @@ def form_costs(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, f
             nearest = (torch.arange(out)[:, None] - rows[None, :]).abs().argmin(1)
             noise = torch.rand(out, inp, generator=torch.Generator().manual_seed(0)) - 0.5
             whitened = noise * (12 * group_variance(bits, group_size)[nearest] * column_weights).sqrt()
-        return eora_residuals(whitened, energy)
+        return eora_residuals(whitened, energy, max(COMPENSATE_RANKS))
 
     @cache
     def truncation_spectrum() -> torch.Tensor:
@@ -236,19 +237,39 @@ def gptq_column_weights(gram: torch.Tensor, config: GridConfig) -> torch.Tensor 
     return weights
 
 
-def eora_residuals(whitened: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+def eora_residuals(whitened: torch.Tensor, energy: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     """For a whitened error A (out, in) (E G^1/2, or any whitening: the result does not depend on which), sum_o f_o
-    ||row o of A - A_r||^2 for every rank r (index r, float64), A_r the best unweighted rank-r approximation, as
-    EoRA takes it: its directions are the top right singular vectors of A, whatever the weights f."""
+    ||row o of A - A_r||^2 for every rank r up to `rank` (index r, float64; default every rank), A_r the best
+    unweighted rank-r approximation, as EoRA takes it: its directions are the top right singular vectors of A,
+    whatever the weights f.
+
+    Exact (one eigh of the smaller side's product) unless `rank` plus as many again is below the smaller side: then
+    the top `rank` directions come from a seeded randomized subspace iteration (RANGE_ITERATIONS passes, `rank`
+    extra columns), O(out in rank) instead of O(n^3): an 8B layer's 9.8 s eigh becomes 0.46 s, and the residuals
+    it gives are within 1.3% above the exact ones at ranks 16-64 on noise-like errors (tests/test_search.py)."""
     energy = energy.double()
-    if whitened.shape[0] <= whitened.shape[1]:  # A V_r = U_r S_r: row o keeps sum_{i<=r} U_oi^2 s_i^2
-        values, vectors = torch.linalg.eigh(whitened @ whitened.T)
-        kept = vectors.flip(1).double().square() * values.flip(0).double().clamp(min=0)
+    out, inp = whitened.shape
+    total = float(energy @ whitened.double().square().sum(1))
+    if rank is None or 2 * rank >= min(out, inp):
+        if out <= inp:  # A V_r = U_r S_r: row o keeps sum_{i<=r} U_oi^2 s_i^2
+            values, vectors = torch.linalg.eigh(whitened @ whitened.T)
+            kept = vectors.flip(1).double().square() * values.flip(0).double().clamp(min=0)
+        else:
+            _, vectors = torch.linalg.eigh(whitened.T @ whitened)
+            kept = (whitened @ vectors.flip(1)[:, :rank]).double().square()
+        kept = kept[:, :rank]
     else:
-        _, vectors = torch.linalg.eigh(whitened.T @ whitened)
-        kept = (whitened @ vectors.flip(1)).double().square()
+        probe = torch.randn(inp, 2 * rank, generator=torch.Generator().manual_seed(0)).to(whitened)
+        span = whitened @ probe
+        for _ in range(RANGE_ITERATIONS):
+            span = whitened @ (whitened.T @ torch.linalg.qr(span)[0])
+        basis = torch.linalg.qr(span)[0]  # (out, 2 rank): spans A's top left singular directions
+        projected = basis.T @ whitened
+        values, vectors = torch.linalg.eigh(projected @ projected.T)
+        top = (basis @ vectors.flip(1)[:, :rank]).double()  # U_r
+        kept = top.square() * values.flip(0)[:rank].double().clamp(min=0)
     weighted = torch.cat([torch.zeros(1, dtype=torch.float64), (energy @ kept).cumsum(0)])
-    return (float(energy @ whitened.double().square().sum(1)) - weighted).clamp(min=0)
+    return (total - weighted).clamp(min=0)
 
 
 def residual_spectrum(error: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
@@ -263,7 +284,8 @@ def residual_spectrum(error: torch.Tensor, gram: torch.Tensor, energy: torch.Ten
         lower, info = torch.linalg.cholesky_ex(gram.double())
         product = weighted @ (symmetric_root(gram) if info else lower.float())
         matrix = product.T @ product
-    return torch.linalg.eigvalsh(matrix.double()).flip(0).clamp(min=0)
+    # float32, as the product was formed: twice as fast as float64 at no precision the product has
+    return torch.linalg.eigvalsh(matrix).double().flip(0).clamp(min=0)
 
 
 def symmetric_root(gram: torch.Tensor) -> torch.Tensor:
