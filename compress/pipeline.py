@@ -35,6 +35,9 @@ DEFAULT_CALIBRATION = DEMO_DIR / "calibration.txt"
 REFERENCE_WINDOWS = 4
 # replayed outputs may take at most 1 / REPLAY_SHARE of the memory (a 70B block's attention at 32 x 512 would not)
 REPLAY_SHARE = 64
+# compressed layers keep dequantized float32 copies for the block's capture passes where the block's copies take at
+# most this share of the memory (an 8B block: 0.8 GiB; a 405B block's, 12 GiB, would not fit beside its solves)
+DENSE_SHARE = 16
 
 
 @dataclass
@@ -116,7 +119,9 @@ def compress_model(model: nn.Module | str, recipe: Recipe, calib: str | Path | t
         kept, originals = prune_mlp(block, arch, hidden, block_kwargs, 1 - recipe.factorize.rank_budget, world) \
             if plan.prune else (None, {})
         layers, fp_next, device = {}, None, block_device(block)
-        dense = kernel == "reference"  # compressed layers keep dequantized copies while the block is calibrated
+        # compressed layers keep dequantized copies while the block is calibrated, where they fit
+        dense = kernel == "reference" and 4 * sum(math.prod(shapes[name]) for name in targets[index]) \
+            <= memory // DENSE_SHARE
         replays = Replays(hidden.shape[0] * hidden.shape[1], memory / REPLAY_SHARE) \
             if recipe.true_sequential else None
         for step, groups in enumerate(capture_steps(arch, targets[index], prefix, recipe.true_sequential)):
