@@ -387,11 +387,17 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return root.mul_(sqrt_lambda), inverse_lambda
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, rows: int = 512) -> float:
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, rows: int = 512,
+                 max_rows: int = 4096) -> float:
     """Relative layer output error ||(W - W') X||_F / ||W X||_F computed from the Gram X X^T.
 
     tr(E G E^T) is summed a block of rows at a time, so that no (out, in) temporaries are held; the products are in
-    the weights' precision (float32 weights: twice as fast as float64, within about 1e-5 of it), summed in float64."""
+    the weights' precision (float32 weights: twice as fast as float64, within about 1e-5 of it), summed in float64.
+    A layer of more than `max_rows` output rows is measured on that many evenly spaced rows (both norms on the same
+    rows): the exact figure of a 405B down_proj costs 1.9e14 flops, 39 minutes on this machine's two cores."""
+    if len(weight) > max_rows:
+        index = torch.linspace(0, len(weight) - 1, max_rows, device=weight.device).round().long()
+        weight, approx = weight[index], approx[index]
     dtype = torch.promote_types(torch.promote_types(weight.dtype, approx.dtype), torch.float32)
     gram = gram.to(dtype)
     num = den = 0.0
