@@ -41,6 +41,8 @@ from compress.linalg import (Spill, cholesky_, memory_bytes, nonfinite_count, pr
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
 
+ROW_CHUNK_BYTES = 1 << 30  # GPTQ's float32 rows worked at once (a 405B down_proj's W: 3.25 GiB)
+
 MAX_DAMP = 1.0  # the largest damping tried, as a fraction of the mean Hessian diagonal
 
 
@@ -177,9 +179,10 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
 
     cross (in, in) = sum (x_fp - x) x^T: GPTAQ's asymmetric objective ||W X_fp - Q X||^2, solved as GPTQ on the
     least-squares target W* = W + alpha W cross (H + lambda I)^-1 (alpha 1: exactly that objective up to a constant).
-    Returns the unpacked result in the original column order; `quantize_gptq` packs it. Besides the Gram, the inverse
-    Hessian factor and W (which takes Q's values as the loop passes), it holds the uint8 ints: a 405B down_proj's
-    float32 W is 3.25 GiB, and every (out, in) array spared counts. Where the Gram and the factor would take more
+    Returns the unpacked result in the original column order; `quantize_gptq` packs it. Besides the Gram and the
+    inverse Hessian factor it holds the uint8 ints and W in float32 (which takes Q's values as the loop passes) at
+    most ROW_CHUNK_BYTES of rows at a time (GPTQ's rows are independent given the factor; GPTAQ's shift takes W
+    whole): a 405B down_proj's float32 W is 3.25 GiB, and every (out, in) array spared counts. Where the Gram and the factor would take more
     than half of the memory (compress.linalg.spill_needed; `spill` forces either way), the Gram waits in a temporary
     file while the factor takes its memory, and is back, unchanged, on return: the same results, one (n, n) matrix.
     dequantized=False leaves the result's dense Q out (None): unpermuting it would copy it.
@@ -212,34 +215,72 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
               cross: torch.Tensor | None, alpha: float, keep_updated: bool, dequantized: bool) -> GPTQResult:
     rows, cols = weight.shape
     groups = cols // group_size
-    # float32 as the loop runs; GPTAQ's shift is computed in the Gram's precision
-    W = weight.to(torch.float32 if cross is None or not alpha else precision(gram), copy=True)
-    perm, dead = column_order(gram, act_order, W.device)
-    W[:, dead] = 0
-    if act_order:  # in place, a block of rows at a time: no second (out, in) copy
-        for part in W.split(4096):
-            part.copy_(part[:, perm])
-        dead = dead[perm]
-
+    perm, dead = column_order(gram, act_order, weight.device)
+    working_dead = dead[perm] if act_order else dead
     Hinv, damp_used, damp_raised = inverse_hessian_factor(
-        lambda: working_hessian(gram, perm, dead, precision(gram), W.device, reverse=True, spill=lent), damp)
-    if cross is not None and alpha:
-        W += alpha * asymmetric_shift(W, cross.to(W.device), perm, dead, Hinv)
-    W, Hinv = W.float(), Hinv.float()
+        lambda: working_hessian(gram, perm, working_dead, precision(gram), weight.device, reverse=True, spill=lent),
+        damp)
+    shifted = cross is not None and bool(alpha)
+    if not shifted:
+        Hinv = Hinv.float()
+    # rows are independent given Hinv: W is worked ROW_CHUNK_BYTES at a time (GPTAQ's shift, in the Gram's
+    # precision, reads the whole W)
+    chunk = rows if shifted else max(1, ROW_CHUNK_BYTES // (4 * cols))
+    invperm = None if perm is None else torch.argsort(perm)
+    ints = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)  # original column order
+    scales = torch.empty(rows, groups, dtype=torch.float32, device=weight.device)
+    zeros = torch.empty(rows, groups, dtype=torch.int32, device=weight.device)
+    losses = torch.zeros(rows, dtype=torch.float64, device=weight.device)
+    Q = torch.empty(rows, cols, dtype=torch.float32, device=weight.device) if dequantized else None
+    updated = torch.empty(rows, cols, dtype=torch.float32, device=weight.device) if keep_updated else None
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        W = weight[part].to(precision(gram) if shifted else torch.float32, copy=True)
+        W[:, dead] = 0
+        if act_order:  # in place, a block of rows at a time: no second (out, in) copy
+            for block in W.split(4096):
+                block.copy_(block[:, perm])
+        if shifted:
+            W += alpha * asymmetric_shift(W, cross.to(W.device), perm, working_dead, Hinv)
+            W, Hinv = W.float(), Hinv.float()
+        found = gptq_rows(W, Hinv, perm, invperm, bits, group_size, symmetric, static_groups, block_size, clip,
+                          keep_updated)
+        W = None  # its storage holds Q now
+        rows_ints, rows_q, scales[part], zeros[part], losses[part], rows_updated = found
+        ints[part] = rows_ints if invperm is None else rows_ints[:, invperm]
+        if Q is not None:
+            Q[part] = rows_q if invperm is None else rows_q[:, invperm]
+        if updated is not None:
+            updated[part] = rows_updated if invperm is None else rows_updated[:, invperm]
+        del found, rows_ints, rows_q, rows_updated
+    del Hinv
+
+    g_idx = torch.arange(cols, device=weight.device) // group_size
+    if act_order and not static_groups:
+        g_idx = invperm // group_size  # original column j was processed at position invperm[j]
+    info = GPTQInfo(damp=damp_used, damp_raised=damp_raised, loss=losses.sum().item(),
+                    g_idx=g_idx if act_order and not static_groups and groups > 1 else None)
+    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info, updated=updated)
+
+
+def gptq_rows(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor | None, invperm: torch.Tensor | None, bits: int,
+              group_size: int, symmetric: bool, static_groups: bool, block_size: int, clip: str, keep_updated: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ's column loop over rows W (float32, in processing order, taken over: it ends holding Q) with the
+    inverse Hessian factor Hinv: (ints, Q, scales, zeros, losses, updated), ints/Q/updated in processing order,
+    scales/zeros per group of the original columns."""
+    rows, cols = W.shape
+    groups = cols // group_size
     if static_groups:  # on the weight the loop starts from, in the original column order, a block of rows at a time
-        invperm = None if perm is None else torch.argsort(perm)
         grids = [find_params(part if invperm is None else part[:, invperm], bits, group_size, symmetric, clip)
                  for part in W.split(4096)]
-        static_scales, static_zeros = (torch.cat(parts) for parts in zip(*grids))
-    if not act_order:
-        perm = torch.arange(cols, device=W.device)
-
-    ints = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)  # processing order; at most 8 bits
-    if static_groups:
-        scales, zeros = static_scales, static_zeros
+        scales, zeros = (torch.cat(parts) for parts in zip(*grids))
     else:
         scales = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
         zeros = torch.zeros(rows, groups, dtype=torch.int32, device=W.device)
+    if perm is None:
+        perm = torch.arange(cols, device=W.device)
+    ints = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)  # processing order; at most 8 bits
     losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
     updated = torch.zeros(rows, cols, dtype=torch.float32, device=W.device) if keep_updated else None
 
@@ -262,19 +303,7 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
             updated[:, i1:i2] = block_q + Err1 * Hinv[i1:i2, i1:i2].diagonal()  # err = (w - q) / Hinv_ii
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (out, in) temporary
         W[:, i1:i2] = block_q  # these columns are done: W holds their grid values (Q) from here on
-    del Hinv
-
-    g_idx = torch.arange(cols, device=W.device) // group_size
-    Q, W = W if dequantized else None, None  # W's storage is Q's now
-    if act_order:
-        invperm = torch.argsort(perm)
-        ints, Q = ints[:, invperm], None if Q is None else Q[:, invperm]
-        updated = None if updated is None else updated[:, invperm]
-        if not static_groups:
-            g_idx = invperm // group_size  # original column j was processed at position invperm[j]
-    info = GPTQInfo(damp=damp_used, damp_raised=damp_raised, loss=losses.sum().item(),
-                    g_idx=g_idx if act_order and not static_groups and groups > 1 else None)
-    return GPTQResult(ints=ints, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=Q, info=info, updated=updated)
+    return ints, W, scales, zeros, losses, updated
 
 
 def asymmetric_shift(W: torch.Tensor, cross: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor,
