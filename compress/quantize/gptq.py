@@ -182,11 +182,10 @@ def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
     Returns the unpacked result in the original column order; `quantize_gptq` packs it. Besides the Gram and the
     inverse Hessian factor it holds the uint8 ints and W in float32 (which takes Q's values as the loop passes) at
     most ROW_CHUNK_BYTES of rows at a time (GPTQ's rows are independent given the factor; GPTAQ's shift takes W
-    whole): a 405B down_proj's float32 W is 3.25 GiB, and every (out, in) array spared counts. Where the Gram and the factor would take more
-    than half of the memory (compress.linalg.spill_needed; `spill` forces either way), the Gram waits in a temporary
-    file while the factor takes its memory, and is back, unchanged, on return: the same results, one (n, n) matrix.
-    dequantized=False leaves the result's dense Q out (None): unpermuting it would copy it.
-    """
+    whole): a 405B down_proj's float32 W is 3.25 GiB, and every (out, in) array spared counts. Where the Gram and
+    the factor would take more than half of the memory (compress.linalg.spill_needed; `spill` forces either way), the
+    Gram waits in a temporary file while the factor takes its memory, and is back, unchanged, on return: the same
+    results, one (n, n) matrix. dequantized=False leaves the result's dense Q out (None)."""
     rows, cols = weight.shape
     if gram.shape != (cols, cols):
         raise ValueError(f"GPTQ: gram has shape {tuple(gram.shape)}, expected ({cols}, {cols}) "
