@@ -4,9 +4,11 @@ The process group comes from torchrun's environment (NCCL when blocks compute on
 holds every `size`-th calibration window (both streams) and runs the blocks' forwards on them; the statistics of each
 linear (Grams, cross terms) are summed across ranks; each layer's solve is owned by one rank, the owners of a capture
 step balanced by the solve's cost (longest first, to the least loaded rank), and the compressed layer broadcast to the
-others; every rank propagates its own windows through the compressed block. Learned quantizers (LRQ, CBQ, SignRound)
-draw each step's batch from every rank's windows and average their gradients across ranks (`average_gradients`), so
-every rank learns the same weights; LoRAP sums its channel norms. Rank 0 writes the output and shows the progress.
+others, except a layer too large for one rank (an 8B down_proj, or any capture step of one layer), which all ranks
+solve together, each its share of GPTQ's rows and inverse Hessian factor; every rank propagates its own windows
+through the compressed block. Learned quantizers (LRQ, CBQ, SignRound) draw each step's batch from every rank's
+windows and average their gradients across ranks (`average_gradients`), so every rank learns the same weights; LoRAP
+sums its channel norms. Rank 0 writes the output and shows the progress.
 Without torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity.
 
 The same world size gives the same files run to run (gloo's and NCCL's sums run in a fixed order for a fixed size);
@@ -161,20 +163,89 @@ def owners(costs: list[float], size: int) -> list[int]:
     return owner
 
 
+def together_items(costs: list[float], size: int) -> list[int]:
+    """The items too large for one rank, solved by all ranks together: largest first, each whose cost exceeds an
+    equal share of all that remains (a capture step of one layer; an 8B down_proj beside the rest of its block)."""
+    remaining = sum(costs)
+    chosen = []
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        if costs[item] <= remaining / size:
+            break
+        chosen.append(item)
+        remaining -= costs[item]
+    return chosen
+
+
 def share(items: list, costs: list[float], solve: Callable, world: World) -> list:
-    """[solve(item) for item in items], each solved by its owner and broadcast to the others (owners balanced by
-    `costs`). Every owner solves all its items before any broadcast, so the ranks solve side by side."""
+    """[solve(item) for item in items] on every rank, the work shared by the ranks (relative costs `costs`).
+
+    An item too large for one rank (`together_items`) is solved by every rank `together`, the solvers splitting what
+    divides by rows (GPTQ's inverse Hessian factor and column loop, the output error); rank 0's result is kept, so
+    that any part solved on every rank agrees to the bit. The others are each solved by one owner (balanced by
+    cost) and broadcast; every owner solves all its items before any broadcast, so the ranks solve side by side."""
     if world.size == 1:
         return [solve(item) for item in items]
-    owner = owners(costs, world.size)
-    mine = {i: solve(item) for i, item in enumerate(items) if owner[i] == world.rank}
-    results = []
-    for i in range(len(items)):
+    results = {}
+    shared = together_items(costs, world.size)
+    with together(world):
+        for i in shared:
+            payload = [solve(items[i])]
+            with collective():
+                dist.broadcast_object_list(payload, src=0, device=communication_device())
+            results[i] = payload[0]
+    rest = [i for i in range(len(items)) if i not in shared]
+    owner = dict(zip(rest, owners([costs[i] for i in rest], world.size)))
+    mine = {i: solve(items[i]) for i in rest if owner[i] == world.rank}
+    for i in rest:
         payload = [mine.get(i)]
         with collective():
             dist.broadcast_object_list(payload, src=owner[i], device=communication_device())
-        results.append(payload[0])
-    return results
+        results[i] = payload[0]
+    return [results[i] for i in range(len(items))]
+
+
+TEAM = [World()]  # the ranks that solve the current layer together (`share` with fewer layers than ranks)
+
+
+@contextmanager
+def together(world: World):
+    """Within the context every rank of `world` runs the same solve, and the solvers that can split it by rows do."""
+    TEAM[0] = world
+    try:
+        yield
+    finally:
+        TEAM[0] = World()
+
+
+def team() -> World:
+    """The ranks solving the current layer together (`together`); a single process otherwise."""
+    return TEAM[0]
+
+
+def row_bounds(count: int, world: World, cubic: bool = False) -> list[int]:
+    """Where each rank's share of `count` rows starts, then `count`: equal shares; with `cubic`, equal costs where a
+    row's cost grows with the square of the rows from it to the end (the rows of an upper triangular inverse):
+    rank r starts at count (1 - (1 - r / size)^(1/3))."""
+    fractions = [1 - (1 - r / world.size) ** (1 / 3) if cubic else r / world.size for r in range(world.size)]
+    return [round(count * fraction) for fraction in fractions] + [count]
+
+
+def broadcast_(tensor: torch.Tensor, src: int, world: World) -> None:
+    """Rank `src`'s tensor to every rank, in place."""
+    if world.size > 1:
+        with collective():
+            dist.broadcast(tensor, src=src)
+
+
+def share_rows(tensors: list[torch.Tensor], bounds: list[int], world: World) -> None:
+    """Rows [bounds[r], bounds[r + 1]) of each contiguous tensor, computed by rank r, broadcast from it, in place."""
+    if world.size == 1:
+        return
+    with collective():
+        for rank in range(world.size):
+            for tensor in tensors:
+                if bounds[rank + 1] > bounds[rank]:
+                    dist.broadcast(tensor[bounds[rank]:bounds[rank + 1]], src=rank)
 
 
 def barrier(world: World) -> None:

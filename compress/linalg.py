@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from calibration.capture import symmetrize_
+from compress import distributed
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,73 @@ def triangular_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
     _, info = _lapack_call("trtri", view, lower=upper, overwrite_c=1)
     if info != 0:
         raise torch.linalg.LinAlgError("triangular_inverse_: the matrix is singular")
+
+
+def shared_cholesky_(matrix: torch.Tensor, world: distributed.World, block: int = 512) -> bool:
+    """Replace a symmetric positive definite matrix A by its upper Cholesky factor R (R^T R = A, zeros below the
+    diagonal), in place, the work shared by the ranks of `world`, each of which holds the same A. Right-looking by
+    row blocks, block k owned by rank k mod size: its owner factors the diagonal block, solves the block's row of R
+    and broadcasts it; every rank then updates the later row blocks it owns by that row (the bulk of the flops). Every
+    rank ends with the whole R. False, on every rank alike, when A is not positive definite."""
+    n = len(matrix)
+    for index, k0 in enumerate(range(0, n, block)):
+        k1, owner = min(k0 + block, n), index % world.size
+        if world.rank == owner:
+            panel = matrix[k0:k1, k0:].clone()
+            diagonal, info = torch.linalg.cholesky_ex(panel[:, :k1 - k0], upper=True)
+            if info.item():  # not positive definite: the NaNs tell every rank
+                panel.fill_(float("nan"))
+            else:
+                if k1 < n:  # R_kk^T R_k,rest = A_k,rest
+                    panel[:, k1 - k0:] = torch.linalg.solve_triangular(diagonal.T, panel[:, k1 - k0:], upper=False)
+                panel[:, :k1 - k0] = diagonal
+        else:
+            panel = torch.empty(k1 - k0, n - k0, dtype=matrix.dtype, device=matrix.device)
+        distributed.broadcast_(panel, owner, world)
+        if not torch.isfinite(panel[:, 0]).all():
+            return False
+        matrix[k0:k1, :k0] = 0
+        matrix[k0:k1, k0:] = panel
+        for later, i0 in enumerate(range(k1, n, block), index + 1):
+            if later % world.size == world.rank:
+                i1 = min(i0 + block, n)
+                matrix[i0:i1, i0:].addmm_(panel[:, i0 - k0:i1 - k0].T, panel[:, i0 - k0:], alpha=-1)
+    return True
+
+
+def transpose_(matrix: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Transpose a contiguous square matrix in place, a pair of blocks at a time: no copy of the matrix is held."""
+    n = len(matrix)
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        matrix[i0:i1, i0:i1] = matrix[i0:i1, i0:i1].T.clone()
+        for j0 in range(i1, n, block):
+            j1 = min(j0 + block, n)
+            upper = matrix[i0:i1, j0:j1].clone()
+            matrix[i0:i1, j0:j1] = matrix[j0:j1, i0:i1].T
+            matrix[j0:j1, i0:i1] = upper.T
+    return matrix
+
+
+def shared_upper_inverse_(factor: torch.Tensor, world: distributed.World, block: int = 512) -> torch.Tensor:
+    """Replace an upper triangular matrix V (zeros below the diagonal) by its inverse, in place, the work shared by
+    the ranks of `world`, each of which holds the same V. Row block [c, e) of Y = V^-1 solves Y[c:e, c:] V[c:, c:] =
+    I[c:e, c:] and reads only the rows of V from c on: each rank works its rows (equal flops) top to bottom in place,
+    then broadcasts them. Blocked, so that the work is matrix products on views of V, not copies of it."""
+    bounds = distributed.row_bounds(len(factor), world, cubic=True)
+    for start in range(bounds[world.rank], bounds[world.rank + 1], block):
+        stop = min(start + block, bounds[world.rank + 1])
+        tail = factor[:, start:]
+        rows = torch.zeros(stop - start, tail.shape[1], dtype=factor.dtype, device=factor.device)
+        rows[:, :stop - start] = torch.eye(stop - start, dtype=factor.dtype, device=factor.device)
+        for k0 in range(0, tail.shape[1], block):  # right-looking: columns k0:k1 of Y, then their share pushed on
+            k1 = min(k0 + block, tail.shape[1])
+            diagonal = tail[start + k0:start + k1, k0:k1].contiguous()
+            rows[:, k0:k1] = torch.linalg.solve_triangular(diagonal, rows[:, k0:k1], upper=True, left=False)
+            rows[:, k1:].addmm_(rows[:, k0:k1], tail[start + k0:start + k1, k1:], alpha=-1)
+        tail[start:stop] = rows
+    distributed.share_rows([factor], bounds, world)
+    return factor
 
 
 def reverse_(matrix: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
@@ -398,6 +466,9 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor,
     if len(weight) > max_rows:
         index = torch.linspace(0, len(weight) - 1, max_rows, device=weight.device).round().long()
         weight, approx = weight[index], approx[index]
+    team = distributed.team()  # ranks solving together: each sums its share of the rows
+    bounds = distributed.row_bounds(len(weight), team)
+    weight, approx = (t[bounds[team.rank]:bounds[team.rank + 1]] for t in (weight, approx))
     dtype = torch.promote_types(torch.promote_types(weight.dtype, approx.dtype), torch.float32)
     gram = gram.to(dtype)
     num = den = 0.0
@@ -406,4 +477,5 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor,
         error = rows_w - rows_a.to(dtype)
         num += ((error @ gram) * error).sum(dtype=torch.float64).item()
         den += ((rows_w @ gram) * rows_w).sum(dtype=torch.float64).item()
+    num, den = distributed.total([num, den], team)
     return (max(num, 0.0) / max(den, 1e-30)) ** 0.5

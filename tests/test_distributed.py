@@ -10,7 +10,7 @@ import sys
 import torch
 
 from compress.cli import main
-from compress.distributed import owners
+from compress.distributed import World, owners, row_bounds, together_items
 from compress.formats.native import load_compressed
 from evaluations.perplexity import perplexity
 
@@ -63,6 +63,16 @@ def test_owners_balance_the_solves():
     assert owners([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]
     assert owners([3, 3, 2, 2], 2) == [0, 1, 0, 1]
     assert owners([1.0] * 3, 1) == [0, 0, 0]
+
+
+def test_a_layer_larger_than_an_equal_share_is_solved_together_and_triangle_rows_split_by_equal_flops():
+    assert together_items([3.8, 0.3, 0.3, 0.14, 0.14, 0.09, 0.09], 2) == [0]  # 8B down_proj beside its block
+    assert together_items([1.0], 2) == [0] and together_items([1.0, 1.0], 3) == [0, 1]
+    assert together_items([3, 3, 2, 2], 2) == [] and together_items([5.0], 1) == []
+    bounds = row_bounds(1000, World(0, 3), cubic=True)
+    flops = [sum((1000 - row) ** 2 for row in range(start, stop)) for start, stop in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == 1000 and max(flops) / min(flops) < 1.01
+    assert row_bounds(37, World(0, 2)) == [0, 18, 37]
 
 
 def test_two_ranks_agree_with_one_process_and_repeat_exactly(tiny_model_dir, tmp_path):
@@ -157,3 +167,69 @@ def test_two_ranks_prune_lorap_as_one_process_does(tiny_model_dir, tmp_path):
     ids = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(1)).flatten()
     two, one = (perplexity(load_compressed(tmp_path / name), ids, 32, progress=False) for name in ("two", "one"))
     assert abs(two / one - 1) < 1e-3
+
+
+def together_rank(rank: int, port: int, out: str) -> None:
+    """Rank `rank` of 2 solves one layer together with the other: an upper triangular inverse, GPTQ (act-order and
+    static groups) and the output error, each split by rows."""
+    import torch.distributed as dist
+
+    from compress import distributed
+    from compress.linalg import output_error, shared_cholesky_, shared_upper_inverse_
+    from compress.quantize.gptq import run_gptq
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    world = distributed.world()
+    torch.set_num_threads(1)
+    factor, weight, gram = together_inputs()
+    cholesky, indefinite = gram.clone(), gram.clone()
+    indefinite[100, 100] = -1
+    with distributed.together(world):
+        factored = shared_cholesky_(cholesky, world, block=64)  # 320 wide: blocks 0, 2, 4 on rank 0, 1, 3 on rank 1
+        refused = not shared_cholesky_(indefinite, world, block=64)
+        shared_upper_inverse_(factor, world, block=64)  # 300 wide: rows 0-61 on rank 0, 62-299 on rank 1
+        result = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
+        error = output_error(weight, result.dequantized, gram)
+    torch.save({"cholesky": cholesky, "factored": factored, "refused": refused, "inverse": factor, "ints": result.ints, "scales": result.scales, "zeros": result.zeros,
+                "loss": result.info.loss, "error": error}, f"{out}/together{rank}.pt")
+    dist.destroy_process_group()
+
+
+def together_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.randn(300, 300, generator=generator, dtype=torch.float64).triu_()
+    factor.diagonal().add_(20)
+    inputs = torch.randn(2000, 320, generator=generator) * torch.linspace(0.1, 3, 320)
+    weight = torch.randn(37, 320, generator=generator)  # 37 rows: 18 and 19 on the two ranks
+    return factor, weight, (inputs.T @ inputs).double()
+
+
+def test_two_ranks_solving_one_layer_together_get_what_one_process_gets(tmp_path):
+    from compress.linalg import output_error
+    from compress.quantize.gptq import run_gptq
+
+    context, port = multiprocessing.get_context("spawn"), free_port()
+    processes = [context.Process(target=together_rank, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    ranks = [torch.load(tmp_path / f"together{rank}.pt") for rank in range(2)]
+    for key in ("cholesky", "inverse", "ints", "scales", "zeros"):  # every rank holds the whole result, to the bit
+        assert torch.equal(ranks[0][key], ranks[1][key])
+    assert ranks[0]["loss"] == ranks[1]["loss"] and ranks[0]["error"] == ranks[1]["error"]
+    assert all(rank["factored"] and rank["refused"] for rank in ranks)
+    factor, weight, gram = together_inputs()
+    upper = torch.linalg.cholesky(gram, upper=True)
+    assert (ranks[0]["cholesky"] - upper).abs().max() < 1e-13 * upper.abs().max()
+    assert torch.equal(ranks[0]["cholesky"].tril(-1), torch.zeros(320, 320, dtype=torch.float64))
+    inverse = torch.linalg.inv(factor)
+    assert (ranks[0]["inverse"] - inverse).abs().max() < 1e-13 * inverse.abs().max()
+    assert torch.equal(ranks[0]["inverse"].tril(-1), torch.zeros(300, 300, dtype=torch.float64))
+    one = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
+    # the inverse Hessian factor differs from LAPACK's in the last bits of float64: the float32 loop agrees
+    assert (ranks[0]["ints"] != one.ints).float().mean() < 1e-3
+    assert torch.equal(ranks[0]["scales"], one.scales) and torch.equal(ranks[0]["zeros"], one.zeros)
+    assert abs(ranks[0]["loss"] / one.info.loss - 1) < 1e-6
+    assert abs(ranks[0]["error"] / output_error(weight, one.dequantized, gram) - 1) < 1e-6

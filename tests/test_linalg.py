@@ -238,3 +238,11 @@ def test_output_error_is_the_relative_output_norm_and_a_row_sample_of_a_tall_lay
     sampled = output_error(weight, approx, x @ x.T, max_rows=250)
     assert sampled != output_error(weight, approx, x @ x.T, max_rows=1000)  # the sample is taken
     assert sampled == pytest.approx(direct, rel=0.05)
+
+
+def test_an_in_place_transpose_equals_the_transpose():
+    from compress.linalg import transpose_
+
+    matrix = torch.randn(300, 300, dtype=torch.float64)
+    expected = matrix.T.clone()
+    assert transpose_(matrix, block=64) is matrix and torch.equal(matrix, expected)

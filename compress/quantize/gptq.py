@@ -35,9 +35,10 @@ from typing import Callable
 import torch
 
 import kernels
+from compress import distributed
 from compress.errors import CompressError
-from compress.linalg import (Spill, cholesky_, memory_bytes, nonfinite_count, precision, reverse_, spill_needed,
-                             triangular_inverse_)
+from compress.linalg import (Spill, cholesky_, memory_bytes, nonfinite_count, precision, reverse_, shared_cholesky_,
+                             shared_upper_inverse_, spill_needed, transpose_, triangular_inverse_)
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
 
@@ -150,16 +151,23 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
     replace the reference's Cholesky, inverse and Cholesky (half the flops). It is done in place, so that besides
     the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has n = 14336, 1.5 GiB each. When a
     factorisation fails, damp is raised x10 (to at most MAX_DAMP) on a new copy; returns (U, damp used, raised).
+    Ranks solving together (compress.distributed.team) share the work by rows: J H J = R^T R (R = L^T), then R^-1,
+    and U = J R^-T J.
     """
+    team = distributed.team()
     tried = damp
     while True:
         work = hessian()
         diagonal = work.diagonal()
         mean_diag = diagonal.mean().item()
         diagonal += tried * mean_diag
-        if cholesky_(work) and not nonfinite_count(work):
-            triangular_inverse_(work)
-            reverse_(work)
+        factored = (shared_cholesky_(work, team) if team.size > 1 else cholesky_(work)) and not nonfinite_count(work)
+        if distributed.least(int(factored), team):  # agreed on, so that no rank goes on alone
+            if team.size > 1:
+                transpose_(reverse_(shared_upper_inverse_(work, team)))
+            else:
+                triangular_inverse_(work)
+                reverse_(work)
             if not nonfinite_count(work):
                 return work, tried, tried != damp
         del work, diagonal
@@ -223,8 +231,11 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
     if not shifted:
         Hinv = Hinv.float()
     # rows are independent given Hinv: W is worked ROW_CHUNK_BYTES at a time (GPTAQ's shift, in the Gram's
-    # precision, reads the whole W)
-    chunk = rows if shifted else max(1, ROW_CHUNK_BYTES // (4 * cols))
+    # precision, reads the whole W), and ranks solving together each work their share of the rows
+    team = distributed.team()
+    bounds = distributed.row_bounds(rows, team)
+    mine = range(bounds[team.rank], bounds[team.rank + 1])
+    chunk = max(1, len(mine) if shifted else ROW_CHUNK_BYTES // (4 * cols))
     invperm = None if perm is None else torch.argsort(perm)
     ints = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)  # original column order
     scales = torch.empty(rows, groups, dtype=torch.float32, device=weight.device)
@@ -232,8 +243,8 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
     losses = torch.zeros(rows, dtype=torch.float64, device=weight.device)
     Q = torch.empty(rows, cols, dtype=torch.float32, device=weight.device) if dequantized else None
     updated = torch.empty(rows, cols, dtype=torch.float32, device=weight.device) if keep_updated else None
-    for start in range(0, rows, chunk):
-        part = slice(start, start + chunk)
+    for start in range(mine.start, mine.stop, chunk):
+        part = slice(start, min(start + chunk, mine.stop))
         W = weight[part].to(precision(gram) if shifted else torch.float32, copy=True)
         W[:, dead] = 0
         if act_order:  # in place, a block of rows at a time: no second (out, in) copy
@@ -253,6 +264,7 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
             updated[part] = rows_updated if invperm is None else rows_updated[:, invperm]
         del found, rows_ints, rows_q, rows_updated
     del Hinv
+    distributed.share_rows([t for t in (ints, scales, zeros, losses, Q, updated) if t is not None], bounds, team)
 
     g_idx = torch.arange(cols, device=weight.device) // group_size
     if act_order and not static_groups:
