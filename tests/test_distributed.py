@@ -100,6 +100,17 @@ def test_a_rank_dying_mid_block_leaves_no_output_and_the_run_resumes(tiny_model_
     assert digests(tmp_path / "out") == digests(tmp_path / "whole")
 
 
+def spawn_ranks(target, out: str, size: int = 2) -> list[int]:
+    """target(rank, port, out) in `size` processes of their own; their exit codes."""
+    context, port = multiprocessing.get_context("spawn"), free_port()
+    processes = [context.Process(target=target, args=(rank, port, out)) for rank in range(size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    return [process.exitcode for process in processes]
+
+
 def gradient_rank(rank: int, port: int, out: str) -> None:
     """Rank `rank` of 2 holds windows [0, 3) or [3, 5) of five, and averages its gradient with the other's."""
     import torch.distributed as dist
@@ -118,13 +129,7 @@ def gradient_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_averaged_gradients_over_unequal_shares_equal_the_gradient_of_the_mean_over_all(tmp_path):
-    context, port = multiprocessing.get_context("spawn"), free_port()
-    processes = [context.Process(target=gradient_rank, args=(rank, port, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0, 0]
+    assert spawn_ranks(gradient_rank, str(tmp_path)) == [0, 0]
     weight = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
     inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     (inputs @ weight.T).tanh().square().sum(1).mean().backward()
@@ -208,13 +213,7 @@ def test_two_ranks_solving_one_layer_together_get_what_one_process_gets(tmp_path
     from compress.linalg import output_error
     from compress.quantize.gptq import run_gptq
 
-    context, port = multiprocessing.get_context("spawn"), free_port()
-    processes = [context.Process(target=together_rank, args=(rank, port, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0, 0]
+    assert spawn_ranks(together_rank, str(tmp_path)) == [0, 0]
     ranks = [torch.load(tmp_path / f"together{rank}.pt") for rank in range(2)]
     for key in ("cholesky", "inverse", "ints", "scales", "zeros"):  # every rank holds the whole result, to the bit
         assert torch.equal(ranks[0][key], ranks[1][key])
