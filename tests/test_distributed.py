@@ -195,8 +195,9 @@ def together_rank(rank: int, port: int, out: str) -> None:
         shared_upper_inverse_(factor, world, block=64)  # 300 wide: rows 0-61 on rank 0, 62-299 on rank 1
         result = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
         error = output_error(weight, result.dequantized, gram)
-    torch.save({"cholesky": cholesky, "factored": factored, "refused": refused, "inverse": factor, "ints": result.ints, "scales": result.scales, "zeros": result.zeros,
-                "loss": result.info.loss, "error": error}, f"{out}/together{rank}.pt")
+    torch.save({"cholesky": cholesky, "factored": factored, "refused": refused, "inverse": factor,
+                "ints": result.ints, "scales": result.scales, "zeros": result.zeros, "loss": result.info.loss,
+                "error": error}, f"{out}/together{rank}.pt")
     dist.destroy_process_group()
 
 

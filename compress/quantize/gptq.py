@@ -161,8 +161,8 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
         diagonal = work.diagonal()
         mean_diag = diagonal.mean().item()
         diagonal += tried * mean_diag
-        factored = (shared_cholesky_(work, team) if team.size > 1 else cholesky_(work)) and not nonfinite_count(work)
-        if distributed.least(int(factored), team):  # agreed on, so that no rank goes on alone
+        # the shared factorization answers alike on every rank (the same matrix, the same broadcast panels)
+        if (shared_cholesky_(work, team) if team.size > 1 else cholesky_(work)) and not nonfinite_count(work):
             if team.size > 1:
                 transpose_(reverse_(shared_upper_inverse_(work, team)))
             else:
