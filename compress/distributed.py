@@ -189,22 +189,24 @@ def share(items: list, costs: list[float], solve: Callable, world: World) -> lis
     shared = together_items(costs, world.size)
     with together(world):
         for i in shared:
-            payload = [solve(items[i])]
-            with collective():
-                dist.broadcast_object_list(payload, src=0, device=communication_device())
-            results[i] = payload[0]
+            results[i] = broadcast_object(solve(items[i]), 0)
     rest = [i for i in range(len(items)) if i not in shared]
     owner = dict(zip(rest, owners([costs[i] for i in rest], world.size)))
     mine = {i: solve(items[i]) for i in rest if owner[i] == world.rank}
     for i in rest:
-        payload = [mine.get(i)]
-        with collective():
-            dist.broadcast_object_list(payload, src=owner[i], device=communication_device())
-        results[i] = payload[0]
+        results[i] = broadcast_object(mine.get(i), owner[i])
     return [results[i] for i in range(len(items))]
 
 
-TEAM = [World()]  # the ranks that solve the current layer together (`share` with fewer layers than ranks)
+def broadcast_object(value, src: int):
+    """Rank `src`'s picklable value, on every rank (the process group is joined)."""
+    payload = [value]
+    with collective():
+        dist.broadcast_object_list(payload, src=src, device=communication_device())
+    return payload[0]
+
+
+TEAM = [World()]  # the ranks that solve the current layer together (`share`, a layer too large for one rank)
 
 
 @contextmanager
@@ -239,13 +241,10 @@ def broadcast_(tensor: torch.Tensor, src: int, world: World) -> None:
 
 def share_rows(tensors: list[torch.Tensor], bounds: list[int], world: World) -> None:
     """Rows [bounds[r], bounds[r + 1]) of each contiguous tensor, computed by rank r, broadcast from it, in place."""
-    if world.size == 1:
-        return
-    with collective():
-        for rank in range(world.size):
-            for tensor in tensors:
-                if bounds[rank + 1] > bounds[rank]:
-                    dist.broadcast(tensor[bounds[rank]:bounds[rank + 1]], src=rank)
+    for rank in range(world.size):
+        for tensor in tensors:
+            if bounds[rank + 1] > bounds[rank]:
+                broadcast_(tensor[bounds[rank]:bounds[rank + 1]], rank, world)
 
 
 def barrier(world: World) -> None:
