@@ -185,8 +185,9 @@ def run_project(name: str, args, directory: str, calib_ids: torch.Tensor, eval_i
     return {"name": name, "tool": "compress", "bits_per_weight": result.report["bits_per_weight"], "perplexity": ppl,
             "seconds": seconds, "recipe": recipe.to_dict()["quantize"] | {"compensate": recipe.to_dict()["compensate"]},
             "notes": sorted(set(note.split(": ", 1)[-1] for note in result.report["notes"]))[:5],
-            **({"search_seconds": result.report["bpw"]["seconds"], "forms": count_forms(result.report)}
-               if recipe.bpw is not None else {})}
+            **({"search_seconds": result.report["bpw"]["seconds"], "search_passes_seconds":
+                result.report["bpw"]["seconds_passes"], "search_costs_seconds": result.report["bpw"]["seconds_costs"],
+                "forms": count_forms(result.report)} if recipe.bpw is not None else {})}
 
 
 
