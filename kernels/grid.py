@@ -179,7 +179,7 @@ def _best_shrink(grouped: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, 
     """mse_shrink on grouped (rows, groups, group_size) weights whose group ranges are [wmin, wmax]."""
     coarse = [1.0] + [1 - step / SHRINK_STEPS for step in range(LEVELS[0], int(MAX_SHRINK * SHRINK_STEPS) + 1,
                                                                   LEVELS[0])]
-    rows = max(1, SEARCH_ELEMENTS // (len(coarse) * grouped[0].numel()))  # a level's errors, bounded in memory
+    rows = max(1, SEARCH_ELEMENTS // (len(coarse) * grouped.shape[1] * grouped.shape[2] or 1))  # a level at once
     return torch.cat([_best_shrink_rows(*part, bits, symmetric, coarse)
                       for part in zip(grouped.split(rows), wmin.split(rows), wmax.split(rows))])
 
