@@ -140,6 +140,8 @@ CLIPS = ("minmax", "mse")
 # 9th, then +-3, then +-1 (13 error evaluations instead of 81; on SmolLM2's weights the summed error is 0.04-0.25%
 # above trying every factor, at W2-W4, groups of 32 and 64).
 SHRINK_STEPS, MAX_SHRINK, NORM, LEVELS = 100, 0.8, 2.4, (9, 3, 1)
+# the first level: the min-max grid, then every LEVELS[0]-th factor
+COARSE = [1.0] + [1 - step / SHRINK_STEPS for step in range(LEVELS[0], int(MAX_SHRINK * SHRINK_STEPS) + 1, LEVELS[0])]
 SEARCH_ELEMENTS = 1 << 18  # errors evaluated at once: temporaries of 1 MB, in a core's cache
 
 
@@ -177,19 +179,17 @@ def mse_shrink(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
 def _best_shrink(grouped: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
                  symmetric: bool) -> torch.Tensor:
     """mse_shrink on grouped (rows, groups, group_size) weights whose group ranges are [wmin, wmax]."""
-    coarse = [1.0] + [1 - step / SHRINK_STEPS for step in range(LEVELS[0], int(MAX_SHRINK * SHRINK_STEPS) + 1,
-                                                                  LEVELS[0])]
-    rows = max(1, SEARCH_ELEMENTS // (len(coarse) * grouped.shape[1] * grouped.shape[2] or 1))  # a level at once
-    return torch.cat([_best_shrink_rows(*part, bits, symmetric, coarse)
+    rows = max(1, SEARCH_ELEMENTS // (len(COARSE) * grouped.shape[1] * grouped.shape[2] or 1))  # a level at once
+    return torch.cat([_best_shrink_rows(*part, bits, symmetric)
                       for part in zip(grouped.split(rows), wmin.split(rows), wmax.split(rows))])
 
 
-def _best_shrink_rows(grouped: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool,
-                      coarse: list[float]) -> torch.Tensor:
+def _best_shrink_rows(grouped: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
+                      symmetric: bool) -> torch.Tensor:
     # each level's candidates in one evaluation, the best so far first: the first least error wins, so a candidate
     # replaces the best only when strictly better, and among equal ones the earlier (the larger factor)
     shape = (-1,) + (1,) * wmin.dim()
-    shrinks = torch.tensor(coarse, dtype=wmin.dtype, device=wmin.device).reshape(shape).expand(-1, *wmin.shape)
+    shrinks = torch.tensor(COARSE, dtype=wmin.dtype, device=wmin.device).reshape(shape).expand(-1, *wmin.shape)
     best_shrink, best = _least_error(grouped, wmin, wmax, bits, symmetric, shrinks)
     for step in LEVELS[1:]:
         offsets = torch.tensor([-step, step], dtype=wmin.dtype, device=wmin.device).reshape(shape)
