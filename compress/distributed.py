@@ -239,6 +239,22 @@ def broadcast_(tensor: torch.Tensor, src: int, world: World) -> None:
             dist.broadcast(tensor, src=src)
 
 
+def broadcast_async(tensor: torch.Tensor, src: int, world: World):
+    """Start sending rank `src`'s tensor to every rank, in place; `wait` on what it returns before reading it (on a
+    rank other than `src`) or writing it (on `src`). The transfer runs while the caller computes."""
+    if world.size == 1:
+        return None
+    with collective():
+        return dist.broadcast(tensor, src=src, async_op=True)
+
+
+def wait(work) -> None:
+    """Wait for a transfer `broadcast_async` started (None: nothing to wait for)."""
+    if work is not None:
+        with collective():
+            work.wait()
+
+
 def share_rows(tensors: list[torch.Tensor], bounds: list[int], world: World) -> None:
     """Rows [bounds[r], bounds[r + 1]) of each contiguous tensor, computed by rank r, broadcast from it, in place."""
     for rank in range(world.size):

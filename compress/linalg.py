@@ -176,15 +176,31 @@ def triangular_inverse_(factor: torch.Tensor, upper: bool = False) -> None:
         raise torch.linalg.LinAlgError("triangular_inverse_: the matrix is singular")
 
 
-def shared_cholesky_(matrix: torch.Tensor, world: distributed.World, block: int = 512) -> bool:
+CHOLESKY_BLOCK = 512  # the rows of one panel of `shared_cholesky_`
+
+
+def cholesky_rows(n: int, world: distributed.World, block: int = CHOLESKY_BLOCK) -> list[range]:
+    """The rows of an (n, n) matrix that rank `world.rank` holds for `shared_cholesky_`: row block k (of `block`
+    rows) belongs to rank k mod size."""
+    starts = range(world.rank * block, n, world.size * block)
+    return [range(start, min(start + block, n)) for start in starts]
+
+
+def shared_cholesky_(matrix: torch.Tensor, world: distributed.World, block: int = CHOLESKY_BLOCK) -> bool:
     """Replace a symmetric positive definite matrix A by its upper Cholesky factor R (R^T R = A, zeros below the
-    diagonal), in place, the work shared by the ranks of `world`, each of which holds the same A. Right-looking by
-    row blocks, block k owned by rank k mod size: its owner factors the diagonal block, solves the block's row of R
-    and broadcasts it; every rank then updates the later row blocks it owns by that row (the bulk of the flops). Every
-    rank ends with the whole R. False, on every rank alike, when A is not positive definite."""
+    diagonal), in place, the work shared by the ranks of `world`, each of which holds A's rows `cholesky_rows` (the
+    others are not read). Right-looking by row blocks: block k's owner factors its diagonal block, solves the block's
+    row of R and broadcasts it; every rank then updates the later row blocks it owns by that row (the bulk of the
+    flops). With look-ahead: the owner of block k + 1 updates it first, factors it and sends it while every rank
+    updates its other blocks, so that no rank waits on a panel. Every rank ends with the whole R. False, on every
+    rank alike, when A is not positive definite."""
     n = len(matrix)
-    for index, k0 in enumerate(range(0, n, block)):
-        k1, owner = min(k0 + block, n), index % world.size
+    starts = list(range(0, n, block))
+
+    def post(index: int):
+        """Panel `index`, factored by its owner (from rows updated by every earlier panel), on its way to all."""
+        k0, owner = starts[index], index % world.size
+        k1 = min(k0 + block, n)
         if world.rank == owner:
             panel = matrix[k0:k1, k0:].clone()
             diagonal, info = torch.linalg.cholesky_ex(panel[:, :k1 - k0], upper=True)
@@ -196,15 +212,30 @@ def shared_cholesky_(matrix: torch.Tensor, world: distributed.World, block: int 
                 panel[:, :k1 - k0] = diagonal
         else:
             panel = torch.empty(k1 - k0, n - k0, dtype=matrix.dtype, device=matrix.device)
-        distributed.broadcast_(panel, owner, world)
+        return panel, distributed.broadcast_async(panel, owner, world)
+
+    def update(panel: torch.Tensor, k0: int, index: int) -> None:
+        """Row block `index` (a later one, this rank's) less its share of the product of panel k0's rows."""
+        i0 = starts[index]
+        i1 = min(i0 + block, n)
+        matrix[i0:i1, i0:].addmm_(panel[:, i0 - k0:i1 - k0].T, panel[:, i0 - k0:], alpha=-1)
+
+    panel, arriving = post(0)
+    for index, k0 in enumerate(starts):
+        distributed.wait(arriving)
         if not torch.isfinite(panel[:, 0]).all():
             return False
-        matrix[k0:k1, :k0] = 0
-        matrix[k0:k1, k0:] = panel
-        for later, i0 in enumerate(range(k1, n, block), index + 1):
-            if later % world.size == world.rank:
-                i1 = min(i0 + block, n)
-                matrix[i0:i1, i0:].addmm_(panel[:, i0 - k0:i1 - k0].T, panel[:, i0 - k0:], alpha=-1)
+        matrix[k0:k0 + len(panel), :k0] = 0
+        matrix[k0:k0 + len(panel), k0:] = panel
+        later = [i for i in range(index + 1, len(starts)) if i % world.size == world.rank]
+        if index + 1 < len(starts):
+            if later and later[0] == index + 1:  # look-ahead: the next panel is this rank's
+                update(panel, k0, later.pop(0))
+            following = post(index + 1)
+        for i in later:
+            update(panel, k0, i)
+        if index + 1 < len(starts):
+            panel, arriving = following
     return True
 
 
@@ -282,17 +313,19 @@ class Spill:
             self.file.write(self.bytes[start:start + self.CHUNK])
         self.file.flush()
 
-    def gathered(self, order: torch.Tensor, rows: int = 256) -> torch.Tensor:
-        """The matrix's values as matrix[order][:, order], written into its own memory, `rows` rows at a time."""
+    def gathered(self, order: torch.Tensor, rows: list[range] | None = None, chunk: int = 256) -> torch.Tensor:
+        """The matrix's values as matrix[order][:, order], written into its own memory, `chunk` rows at a time; with
+        `rows`, only those rows (the others hold what they held)."""
         n = len(self.matrix)
         row_bytes = n * self.matrix.element_size()
-        buffer = torch.empty(rows, n, dtype=self.matrix.dtype)
+        buffer = torch.empty(chunk, n, dtype=self.matrix.dtype)
         view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
-        for start in range(0, n, rows):
-            chosen = order[start:start + rows].tolist()
-            for slot, row in enumerate(chosen):
-                self._read(view[slot * row_bytes:(slot + 1) * row_bytes], row * row_bytes)
-            self.matrix[start:start + len(chosen)] = buffer[:len(chosen), order]
+        for part in [range(n)] if rows is None else rows:
+            for start in range(part.start, part.stop, chunk):
+                chosen = order[start:min(start + chunk, part.stop)].tolist()
+                for slot, row in enumerate(chosen):
+                    self._read(view[slot * row_bytes:(slot + 1) * row_bytes], row * row_bytes)
+                self.matrix[start:start + len(chosen)] = buffer[:len(chosen), order]
         return self.matrix
 
     def restore(self) -> torch.Tensor:
@@ -456,13 +489,15 @@ def eigen_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, rows: int = 512,
-                 max_rows: int = 4096) -> float:
+                 max_rows: int = 1024) -> float:
     """Relative layer output error ||(W - W') X||_F / ||W X||_F computed from the Gram X X^T.
 
     tr(E G E^T) is summed a block of rows at a time, so that no (out, in) temporaries are held; the products are in
     the weights' precision (float32 weights: twice as fast as float64, within about 1e-5 of it), summed in float64.
     A layer of more than `max_rows` output rows is measured on that many evenly spaced rows (both norms on the same
-    rows): the exact figure of a 405B down_proj costs 1.9e14 flops, 39 minutes on this machine's two cores."""
+    rows, a sample whose relative error is about 1 / sqrt(max_rows) of the rows' spread): the exact figure of an 8B
+    down_proj costs two (4096, 14336) x (14336, 14336) products, as much as GPTQ's whole solve of it, and a 405B
+    down_proj's 1.9e14 flops, 39 minutes on this machine's two cores."""
     if len(weight) > max_rows:
         index = torch.linspace(0, len(weight) - 1, max_rows, device=weight.device).round().long()
         weight, approx = weight[index], approx[index]

@@ -180,14 +180,16 @@ def together_rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from compress import distributed
-    from compress.linalg import output_error, shared_cholesky_, shared_upper_inverse_
+    from compress.linalg import cholesky_rows, output_error, shared_cholesky_, shared_upper_inverse_
     from compress.quantize.gptq import run_gptq
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     world = distributed.world()
     torch.set_num_threads(1)
     factor, weight, gram = together_inputs()
-    cholesky, indefinite = gram.clone(), gram.clone()
+    cholesky, indefinite = torch.full_like(gram, float("nan")), gram.clone()
+    for rows in cholesky_rows(len(gram), world, block=64):  # a rank holds only its rows: the others are never read
+        cholesky[rows] = gram[rows]
     indefinite[100, 100] = -1
     with distributed.together(world):
         factored = shared_cholesky_(cholesky, world, block=64)  # 320 wide: blocks 0, 2, 4 on rank 0, 1, 3 on rank 1
@@ -195,6 +197,8 @@ def together_rank(rank: int, port: int, out: str) -> None:
         shared_upper_inverse_(factor, world, block=64)  # 300 wide: rows 0-61 on rank 0, 62-299 on rank 1
         result = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
         error = output_error(weight, result.dequantized, gram)
+        spilled = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True, spill=True)
+    assert torch.equal(spilled.ints, result.ints) and torch.equal(spilled.scales, result.scales)
     torch.save({"cholesky": cholesky, "factored": factored, "refused": refused, "inverse": factor,
                 "ints": result.ints, "scales": result.scales, "zeros": result.zeros, "loss": result.info.loss,
                 "error": error}, f"{out}/together{rank}.pt")

@@ -44,7 +44,7 @@ def test_inverse_hessian_factor_in_place_chain(dtype):
     hessian = gram(32).to(dtype)
     built = []
 
-    def build():
+    def build(team):
         built.append(hessian.flip(0, 1).contiguous())
         return built[-1]
 
@@ -213,10 +213,16 @@ def test_a_spilled_matrix_gathers_any_order_and_restores_its_bits():
     matrix = torch.randn(300, 300, dtype=torch.float64)
     saved, order = matrix.clone(), torch.randperm(300, generator=torch.Generator().manual_seed(1))
     spill = Spill(matrix)
-    assert spill.gathered(order, rows=7) is matrix  # written into the matrix's own memory
+    assert spill.gathered(order, chunk=7) is matrix  # written into the matrix's own memory
     assert torch.equal(matrix, saved[order][:, order])
-    assert torch.equal(spill.gathered(order.flip(0), rows=300), saved[order.flip(0)][:, order.flip(0)])
+    assert torch.equal(spill.gathered(order.flip(0), chunk=300), saved[order.flip(0)][:, order.flip(0)])
     assert torch.equal(spill.restore(), saved) and torch.equal(matrix, saved)
+    spill = Spill(matrix)
+    spill.gathered(order, rows=[range(10, 20), range(250, 300)], chunk=7)  # only those rows: the others as they were
+    for rows in (range(10, 20), range(250, 300)):
+        assert torch.equal(matrix[rows], saved[order[rows]][:, order])
+    assert torch.equal(matrix[20:250], saved[20:250]) and torch.equal(matrix[:10], saved[:10])
+    assert torch.equal(spill.restore(), saved)
     with pytest.raises(ValueError, match="contiguous CPU"):
         Spill(saved.T)
 
@@ -246,3 +252,4 @@ def test_an_in_place_transpose_equals_the_transpose():
     matrix = torch.randn(300, 300, dtype=torch.float64)
     expected = matrix.T.clone()
     assert transpose_(matrix, block=64) is matrix and torch.equal(matrix, expected)
+

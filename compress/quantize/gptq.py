@@ -37,7 +37,7 @@ import torch
 import kernels
 from compress import distributed
 from compress.errors import CompressError
-from compress.linalg import (Spill, cholesky_, memory_bytes, nonfinite_count, precision, reverse_, shared_cholesky_,
+from compress.linalg import (Spill, cholesky_, cholesky_rows, memory_bytes, nonfinite_count, precision, reverse_, shared_cholesky_,
                              shared_upper_inverse_, spill_needed, transpose_, triangular_inverse_)
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
@@ -126,28 +126,41 @@ def column_order(gram: torch.Tensor, act_order: bool,
 
 
 def working_hessian(gram: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, dtype: torch.dtype,
-                    device: torch.device | str, reverse: bool = False, spill: Spill | None = None) -> torch.Tensor:
+                    device: torch.device | str, reverse: bool = False, spill: Spill | None = None,
+                    team: distributed.World | None = None) -> torch.Tensor:
     """A fresh working copy of H in processing order (one gather when permuted), its dead diagonal (`dead` in
     processing order) set to 1; with `reverse`, in the reverse of that order (the same one gather). With `spill`
-    (the Gram lent out), the copy is made in the Gram's own memory from its file."""
+    (the Gram lent out), the copy is made in the Gram's own memory from its file. With a `team` of ranks that factor
+    it together, only the rows this rank holds for `shared_cholesky_` are copied (and the whole diagonal): each rank
+    gathers its share, not all of H."""
     source = gram.to(device)
     order = perm
-    if reverse or spill is not None:
+    if reverse or spill is not None or team is not None:
         order = perm if perm is not None else torch.arange(len(gram), device=source.device)
         order, dead = (order.flip(0), dead.flip(0)) if reverse else (order, dead)
+    rows = None if team is None or team.size == 1 else cholesky_rows(len(gram), team)
+    if rows is not None:
+        diagonal = source.diagonal()[order].to(dtype)  # before a spill lends the Gram's memory out
     if spill is not None:
-        hessian = spill.gathered(order.cpu())
+        hessian = spill.gathered(order.cpu(), rows)
+    elif rows is not None:
+        hessian = torch.empty(len(gram), len(gram), dtype=dtype, device=source.device)
+        for part in rows:
+            hessian[part] = source[order[part][:, None], order]
     else:
         hessian = source[order[:, None], order].to(dtype) if order is not None else source.to(dtype, copy=True)
+    if rows is not None:
+        hessian.diagonal().copy_(diagonal)
     hessian.diagonal()[dead] = 1
     return hessian
 
 
-def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float, bool]:
+def inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor],
+                           damp: float) -> tuple[torch.Tensor, float, bool]:
     """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), (n, n) in H's working precision.
 
-    hessian() builds a fresh working copy of H in the reverse of the processing order (working_hessian's
-    `reverse`): with J the reversal and J H J = L L^T, U = J L^-1 J, so one Cholesky and one triangular inverse
+    hessian(team) builds a fresh working copy of H in the reverse of the processing order (working_hessian's
+    `reverse`; its `team`): with J the reversal and J H J = L L^T, U = J L^-1 J, so one Cholesky and one triangular inverse
     replace the reference's Cholesky, inverse and Cholesky (half the flops). It is done in place, so that besides
     the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has n = 14336, 1.5 GiB each. When a
     factorisation fails, damp is raised x10 (to at most MAX_DAMP) on a new copy; returns (U, damp used, raised).
@@ -157,7 +170,7 @@ def inverse_hessian_factor(hessian: Callable[[], torch.Tensor], damp: float) -> 
     team = distributed.team()
     tried = damp
     while True:
-        work = hessian()
+        work = hessian(team)
         diagonal = work.diagonal()
         mean_diag = diagonal.mean().item()
         diagonal += tried * mean_diag
@@ -225,7 +238,8 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
     perm, dead = column_order(gram, act_order, weight.device)
     working_dead = dead[perm] if act_order else dead
     Hinv, damp_used, damp_raised = inverse_hessian_factor(
-        lambda: working_hessian(gram, perm, working_dead, precision(gram), weight.device, reverse=True, spill=lent),
+        lambda team: working_hessian(gram, perm, working_dead, precision(gram), weight.device, reverse=True,
+                                     spill=lent, team=team),
         damp)
     shifted = cross is not None and bool(alpha)
     if not shifted:
