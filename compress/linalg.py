@@ -328,6 +328,15 @@ class Spill:
                 self.matrix[start:start + len(chosen)] = buffer[:len(chosen), order]
         return self.matrix
 
+    def diagonal(self) -> torch.Tensor:
+        """The matrix's diagonal, read from the file."""
+        n, size = len(self.matrix), self.matrix.element_size()
+        diagonal = torch.empty(n, dtype=self.matrix.dtype)
+        view = memoryview(diagonal.view(torch.uint8).numpy())
+        for i in range(n):
+            self._read(view[i * size:(i + 1) * size], (i * n + i) * size)
+        return diagonal
+
     def restore(self) -> torch.Tensor:
         """The matrix's own values back in its memory; the file is closed."""
         for start in range(0, len(self.bytes), self.CHUNK):

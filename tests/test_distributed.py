@@ -198,7 +198,13 @@ def together_rank(rank: int, port: int, out: str) -> None:
         result = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
         error = output_error(weight, result.dequantized, gram)
         spilled = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True, spill=True)
+        broken = gram.clone()
+        broken[7, 7] = -0.05 * gram.diagonal().mean()  # damping 0.01 fails, 0.1 holds: a second try
+        retried = [run_gptq(weight, broken, 3, 32, False, act_order=True, static_groups=True, spill=spill)
+                   for spill in (False, True)]
     assert torch.equal(spilled.ints, result.ints) and torch.equal(spilled.scales, result.scales)
+    assert all(r.info.damp_raised and r.info.damp == 0.1 for r in retried)
+    assert torch.equal(retried[0].ints, retried[1].ints)  # a spilled Gram's second try reads it from the file
     torch.save({"cholesky": cholesky, "factored": factored, "refused": refused, "inverse": factor,
                 "ints": result.ints, "scales": result.scales, "zeros": result.zeros, "loss": result.info.loss,
                 "error": error}, f"{out}/together{rank}.pt")

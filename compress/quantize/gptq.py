@@ -37,8 +37,8 @@ import torch
 import kernels
 from compress import distributed
 from compress.errors import CompressError
-from compress.linalg import (Spill, cholesky_, cholesky_rows, memory_bytes, nonfinite_count, precision, reverse_, shared_cholesky_,
-                             shared_upper_inverse_, spill_needed, transpose_, triangular_inverse_)
+from compress.linalg import (Spill, cholesky_, cholesky_rows, memory_bytes, nonfinite_count, precision, reverse_,
+                             shared_cholesky_, shared_upper_inverse_, spill_needed, transpose_, triangular_inverse_)
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
 
@@ -139,8 +139,8 @@ def working_hessian(gram: torch.Tensor, perm: torch.Tensor | None, dead: torch.T
         order = perm if perm is not None else torch.arange(len(gram), device=source.device)
         order, dead = (order.flip(0), dead.flip(0)) if reverse else (order, dead)
     rows = None if team is None or team.size == 1 else cholesky_rows(len(gram), team)
-    if rows is not None:
-        diagonal = source.diagonal()[order].to(dtype)  # before a spill lends the Gram's memory out
+    if rows is not None:  # a lent Gram's memory may hold an earlier try's factor: its diagonal is read from the file
+        diagonal = (spill.diagonal() if spill is not None else source.diagonal())[order].to(dtype)
     if spill is not None:
         hessian = spill.gathered(order.cpu(), rows)
     elif rows is not None:
@@ -160,9 +160,9 @@ def inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor],
     """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), (n, n) in H's working precision.
 
     hessian(team) builds a fresh working copy of H in the reverse of the processing order (working_hessian's
-    `reverse`; its `team`): with J the reversal and J H J = L L^T, U = J L^-1 J, so one Cholesky and one triangular inverse
-    replace the reference's Cholesky, inverse and Cholesky (half the flops). It is done in place, so that besides
-    the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has n = 14336, 1.5 GiB each. When a
+    `reverse`, and `team`): with J the reversal and J H J = L L^T, U = J L^-1 J, so one Cholesky and one triangular
+    inverse replace the reference's Cholesky, inverse and Cholesky (half the flops). It is done in place, so that
+    besides the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has n = 14336, 1.5 GiB each. When a
     factorisation fails, damp is raised x10 (to at most MAX_DAMP) on a new copy; returns (U, damp used, raised).
     Ranks solving together (compress.distributed.team) share the work by rows: J H J = R^T R (R = L^T), then R^-1,
     and U = J R^-T J.
