@@ -228,14 +228,12 @@ def shared_cholesky_(matrix: torch.Tensor, world: distributed.World, block: int 
         matrix[k0:k0 + len(panel), :k0] = 0
         matrix[k0:k0 + len(panel), k0:] = panel
         later = [i for i in range(index + 1, len(starts)) if i % world.size == world.rank]
-        if index + 1 < len(starts):
-            if later and later[0] == index + 1:  # look-ahead: the next panel is this rank's
-                update(panel, k0, later.pop(0))
-            following = post(index + 1)
+        if later and later[0] == index + 1:  # look-ahead: the next panel is this rank's
+            update(panel, k0, later.pop(0))
+        following = post(index + 1) if index + 1 < len(starts) else (None, None)
         for i in later:
             update(panel, k0, i)
-        if index + 1 < len(starts):
-            panel, arriving = following
+        panel, arriving = following
     return True
 
 

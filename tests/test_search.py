@@ -102,8 +102,8 @@ def test_gptq_column_weights_are_gptqs_inverse_hessian_diagonal(act_order):
     config = GPTQ(act_order=act_order, damp=0.01)
     perm, dead = column_order(gram, act_order, "cpu")
     order = torch.arange(48) if perm is None else perm
-    factor, _, _ = inverse_hessian_factor(lambda _: working_hessian(gram, perm, dead[order], torch.float64, "cpu", True),
-                                          config.damp)
+    factor, _, _ = inverse_hessian_factor(
+        lambda _: working_hessian(gram, perm, dead[order], torch.float64, "cpu", True), config.damp)
     expected = torch.empty(48, dtype=torch.float64)
     expected[order] = factor.diagonal().square().reciprocal()
     assert torch.allclose(gptq_column_weights(gram, config).double(), expected, rtol=1e-4)
