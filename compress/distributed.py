@@ -5,7 +5,8 @@ holds every `size`-th calibration window (both streams) and runs the blocks' for
 linear (Grams, cross terms) are summed across ranks; each layer's solve is owned by one rank, the owners of a capture
 step balanced by the solve's cost (longest first, to the least loaded rank), and the compressed layer broadcast to the
 others, except a layer too large for one rank (an 8B down_proj, or any capture step of one layer), which all ranks
-solve together, each its share of GPTQ's rows and inverse Hessian factor; every rank propagates its own windows
+solve together, each its share of GPTQ's rows, the inverse Hessian factor built by the first rank on the threads of
+all where they share a machine (`pooled_threads`), else by all, each its rows; every rank propagates its own windows
 through the compressed block. Learned quantizers (LRQ, CBQ, SignRound) draw each step's batch from every rank's
 windows and average their gradients across ranks (`average_gradients`), so every rank learns the same weights; LoRAP
 sums its channel norms. Rank 0 writes the output and shows the progress.
@@ -17,7 +18,9 @@ decision sat on that last bit.
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,16 +215,43 @@ TEAM = [World()]  # the ranks that solve the current layer together (`share`, a 
 @contextmanager
 def together(world: World):
     """Within the context every rank of `world` runs the same solve, and the solvers that can split it by rows do."""
-    TEAM[0] = world
+    previous, TEAM[0] = TEAM[0], world
     try:
         yield
     finally:
-        TEAM[0] = World()
+        TEAM[0] = previous
 
 
 def team() -> World:
     """The ranks solving the current layer together (`together`); a single process otherwise."""
     return TEAM[0]
+
+
+def one_host(world: World) -> bool:
+    """Whether every rank of `world` runs on this machine (host names gathered once: a collective on first use)."""
+    return world.size == 1 or len(set(_host_names(world))) == 1
+
+
+@functools.cache
+def _host_names(world: World) -> tuple[str, ...]:
+    names = [None] * world.size
+    with collective():
+        dist.all_gather_object(names, socket.gethostname())
+    return tuple(names)
+
+
+@contextmanager
+def pooled_threads(world: World):
+    """Within the context this process computes on the threads of every rank of `world` (ranks of one machine that
+    wait on it meanwhile): torch's thread count, which LAPACK follows (compress.linalg.lapack_threads), times the
+    world size, at most the cores this process may use."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(threads, min(threads * world.size, cores)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def row_bounds(count: int, world: World, cubic: bool = False) -> list[int]:

@@ -186,6 +186,17 @@ def cholesky_rows(n: int, world: distributed.World, block: int = CHOLESKY_BLOCK)
     return [range(start, min(start + block, n)) for start in starts]
 
 
+def pooled_solve(team: distributed.World, width: int, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the ranks of `team`, solving a (width, width) matrix together, do better to lend one of them their
+    threads (threaded LAPACK while they wait) than to split the factorization by rows (`shared_cholesky_`,
+    `shared_upper_inverse_`): on the CPU, every rank on one machine, and a matrix LAPACK factors threaded. Two
+    threads of one process split a Cholesky with no loss; two processes pay for the panels' transfers and run the
+    blocked products slower than LAPACK does."""
+    nbytes = width * width * torch.finfo(dtype).bits // 8
+    return (team.size > 1 and torch.device(device).type == "cpu" and nbytes <= THREADED_LAPACK_BYTES
+            and distributed.one_host(team))
+
+
 def shared_cholesky_(matrix: torch.Tensor, world: distributed.World, block: int = CHOLESKY_BLOCK) -> bool:
     """Replace a symmetric positive definite matrix A by its upper Cholesky factor R (R^T R = A, zeros below the
     diagonal), in place, the work shared by the ranks of `world`, each of which holds A's rows `cholesky_rows` (the

@@ -75,6 +75,24 @@ def test_a_layer_larger_than_an_equal_share_is_solved_together_and_triangle_rows
     assert row_bounds(37, World(0, 2)) == [0, 18, 37]
 
 
+def test_a_solve_on_pooled_threads_takes_every_rank_s_threads_and_gives_them_back():
+    from compress.distributed import pooled_threads
+    from compress.linalg import THREADED_LAPACK_BYTES, pooled_solve
+
+    threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    torch.set_num_threads(1)
+    try:
+        with pooled_threads(World(0, 4)):
+            assert torch.get_num_threads() == min(4, cores)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    width = int((THREADED_LAPACK_BYTES // 8) ** 0.5)  # the widest float64 matrix LAPACK factors threaded
+    assert not pooled_solve(World(), 100, torch.float64, "cpu")  # one process: nothing to pool
+    assert not pooled_solve(World(0, 2), width + 1, torch.float64, "cpu")  # too wide: split by rows instead
+    assert not pooled_solve(World(0, 2), width, torch.float64, "cuda")  # a GPU's threads are not lent
+
+
 def test_two_ranks_agree_with_one_process_and_repeat_exactly(tiny_model_dir, tmp_path):
     argv = ["--model", str(tiny_model_dir), *FLAGS]
     assert run_ranks(argv + ["--out", str(tmp_path / "a")]) == [0, 0]
@@ -179,7 +197,7 @@ def together_rank(rank: int, port: int, out: str) -> None:
     static groups) and the output error, each split by rows."""
     import torch.distributed as dist
 
-    from compress import distributed
+    from compress import distributed, linalg
     from compress.linalg import cholesky_rows, output_error, shared_cholesky_, shared_upper_inverse_
     from compress.quantize.gptq import run_gptq
 
@@ -195,6 +213,16 @@ def together_rank(rank: int, port: int, out: str) -> None:
         factored = shared_cholesky_(cholesky, world, block=64)  # 320 wide: blocks 0, 2, 4 on rank 0, 1, 3 on rank 1
         refused = not shared_cholesky_(indefinite, world, block=64)
         shared_upper_inverse_(factor, world, block=64)  # 300 wide: rows 0-61 on rank 0, 62-299 on rank 1
+        # one machine: rank 0 factors on both ranks' threads and sends the factor; the rows are split as below
+        pooled = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
+        hopeless = gram.clone()
+        hopeless[7, 7] = -100 * gram.diagonal().mean()  # no damping makes it positive definite
+        try:
+            run_gptq(weight, hopeless, 3, 32, False)
+            refusal = None
+        except ValueError as exc:
+            refusal = str(exc)
+        linalg.THREADED_LAPACK_BYTES = 0  # a matrix beyond threaded LAPACK: the factorization is split by rows
         result = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
         error = output_error(weight, result.dequantized, gram)
         spilled = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True, spill=True)
@@ -207,7 +235,7 @@ def together_rank(rank: int, port: int, out: str) -> None:
     assert torch.equal(retried[0].ints, retried[1].ints)  # a spilled Gram's second try reads it from the file
     torch.save({"cholesky": cholesky, "factored": factored, "refused": refused, "inverse": factor,
                 "ints": result.ints, "scales": result.scales, "zeros": result.zeros, "loss": result.info.loss,
-                "error": error}, f"{out}/together{rank}.pt")
+                "error": error, "pooled": pooled.ints, "refusal": refusal}, f"{out}/together{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -226,10 +254,11 @@ def test_two_ranks_solving_one_layer_together_get_what_one_process_gets(tmp_path
 
     assert spawn_ranks(together_rank, str(tmp_path)) == [0, 0]
     ranks = [torch.load(tmp_path / f"together{rank}.pt") for rank in range(2)]
-    for key in ("cholesky", "inverse", "ints", "scales", "zeros"):  # every rank holds the whole result, to the bit
+    for key in ("cholesky", "inverse", "ints", "scales", "zeros", "pooled"):  # every rank holds the whole result
         assert torch.equal(ranks[0][key], ranks[1][key])
     assert ranks[0]["loss"] == ranks[1]["loss"] and ranks[0]["error"] == ranks[1]["error"]
     assert all(rank["factored"] and rank["refused"] for rank in ranks)
+    assert ranks[0]["refusal"] == ranks[1]["refusal"] and "not positive definite" in ranks[0]["refusal"]
     factor, weight, gram = together_inputs()
     upper = torch.linalg.cholesky(gram, upper=True)
     assert (ranks[0]["cholesky"] - upper).abs().max() < 1e-13 * upper.abs().max()
@@ -238,6 +267,7 @@ def test_two_ranks_solving_one_layer_together_get_what_one_process_gets(tmp_path
     assert (ranks[0]["inverse"] - inverse).abs().max() < 1e-13 * inverse.abs().max()
     assert torch.equal(ranks[0]["inverse"].tril(-1), torch.zeros(300, 300, dtype=torch.float64))
     one = run_gptq(weight, gram, 3, 32, False, act_order=True, static_groups=True)
+    assert torch.equal(ranks[0]["pooled"], one.ints)  # LAPACK's factor, as one process has it
     # the inverse Hessian factor differs from LAPACK's in the last bits of float64: the float32 loop agrees
     assert (ranks[0]["ints"] != one.ints).float().mean() < 1e-3
     assert torch.equal(ranks[0]["scales"], one.scales) and torch.equal(ranks[0]["zeros"], one.zeros)

@@ -37,8 +37,9 @@ import torch
 import kernels
 from compress import distributed
 from compress.errors import CompressError
-from compress.linalg import (Spill, cholesky_, cholesky_rows, memory_bytes, nonfinite_count, precision, reverse_,
-                             shared_cholesky_, shared_upper_inverse_, spill_needed, transpose_, triangular_inverse_)
+from compress.linalg import (Spill, cholesky_, cholesky_rows, memory_bytes, nonfinite_count, pooled_solve, precision,
+                             reverse_, shared_cholesky_, shared_upper_inverse_, spill_needed, transpose_,
+                             triangular_inverse_)
 from compress.quantize import GridConfig, Quantization
 from kernels.grid import find_params, make_quantized
 
@@ -155,9 +156,10 @@ def working_hessian(gram: torch.Tensor, perm: torch.Tensor | None, dead: torch.T
     return hessian
 
 
-def inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor],
-                           damp: float) -> tuple[torch.Tensor, float, bool]:
-    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), (n, n) in H's working precision.
+def inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor], damp: float, pooled: bool = False,
+                           dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float, bool]:
+    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H), (n, n), computed in H's working
+    precision and returned in `dtype` (None: that precision).
 
     hessian(team) builds a fresh working copy of H in the reverse of the processing order (working_hessian's
     `reverse`, and `team`): with J the reversal and J H J = L L^T, U = J L^-1 J, so one Cholesky and one triangular
@@ -165,9 +167,12 @@ def inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor],
     besides the caller's Gram one (n, n) matrix is alive: an 8B model's down_proj has n = 14336, 1.5 GiB each. When a
     factorisation fails, damp is raised x10 (to at most MAX_DAMP) on a new copy; returns (U, damp used, raised).
     Ranks solving together (compress.distributed.team) share the work by rows: J H J = R^T R (R = L^T), then R^-1,
-    and U = J R^-T J.
+    and U = J R^-T J; or, `pooled` (compress.linalg.pooled_solve), the first rank factors alone on the threads of
+    all while the others wait, and sends U.
     """
     team = distributed.team()
+    if pooled and team.size > 1:
+        return _pooled_inverse_hessian_factor(hessian, damp, team, dtype)
     tried = damp
     while True:
         work = hessian(team)
@@ -182,13 +187,36 @@ def inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor],
                 triangular_inverse_(work)
                 reverse_(work)
             if not nonfinite_count(work):
-                return work, tried, tried != damp
+                return work.to(dtype or work.dtype), tried, tried != damp
         del work, diagonal
         if tried >= MAX_DAMP:
             raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {tried:g} x mean diagonal "
                              f"({mean_diag:.3g}); the calibration statistics are broken "
                              "(too few or non-finite tokens?)")
         tried = min(MAX_DAMP, tried * 10 if tried > 0 else 0.01)
+
+
+def _pooled_inverse_hessian_factor(hessian: Callable[[distributed.World], torch.Tensor], damp: float,
+                                   team: distributed.World,
+                                   dtype: torch.dtype | None) -> tuple[torch.Tensor, float, bool]:
+    """inverse_hessian_factor on the team's first rank with every rank's threads, sent to the others (which build
+    no working copy of H); a Hessian that no damping makes positive definite is refused on every rank alike."""
+    factor, outcome = None, None
+    if team.rank == 0:
+        with distributed.pooled_threads(team), distributed.together(distributed.World()):
+            try:
+                factor, tried, raised = inverse_hessian_factor(hessian, damp, dtype=dtype)
+                outcome = (tuple(factor.shape), factor.dtype, tried, raised)
+            except ValueError as exc:
+                outcome = str(exc)
+    outcome = distributed.broadcast_object(outcome, 0)
+    if isinstance(outcome, str):
+        raise ValueError(outcome)
+    shape, dtype, tried, raised = outcome
+    if factor is None:
+        factor = torch.empty(shape, dtype=dtype)
+    distributed.broadcast_(factor, 0, team)
+    return factor, tried, raised
 
 
 def run_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool,
@@ -237,13 +265,12 @@ def _run_gptq(weight: torch.Tensor, gram: torch.Tensor, lent: Spill | None, bits
     groups = cols // group_size
     perm, dead = column_order(gram, act_order, weight.device)
     working_dead = dead[perm] if act_order else dead
+    shifted = cross is not None and bool(alpha)
     Hinv, damp_used, damp_raised = inverse_hessian_factor(
         lambda team: working_hessian(gram, perm, working_dead, precision(gram), weight.device, reverse=True,
                                      spill=lent, team=team),
-        damp)
-    shifted = cross is not None and bool(alpha)
-    if not shifted:
-        Hinv = Hinv.float()
+        damp, pooled_solve(distributed.team(), cols, precision(gram), weight.device),
+        None if shifted else torch.float32)
     # rows are independent given Hinv: W is worked ROW_CHUNK_BYTES at a time (GPTAQ's shift, in the Gram's
     # precision, reads the whole W), and ranks solving together each work their share of the rows
     team = distributed.team()
